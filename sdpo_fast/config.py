@@ -1,0 +1,219 @@
+"""`SDPOConfig`: every SDPO knob, passed to the trainer *beside* a `GRPOConfig`.
+
+It is a plain dataclass rather than a `GRPOConfig` subclass so that it composes with Unsloth's
+patched `UnslothGRPOConfig` and with any other `GRPOConfig` a user already has. The defaults are
+the reference implementation's *effective* Hydra values (lasgroup/SDPO, `actor.yaml` +
+`sdpo.yaml`), not its Python dataclass defaults, which disagree and never run.
+"""
+
+from __future__ import annotations
+
+import string
+from dataclasses import asdict, dataclass
+from typing import Any
+
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+TEACHER_REGULARIZATIONS = ("ema", "trust-region")
+REPROMPT_TRUNCATIONS = ("middle", "left", "right", "error")
+BACKENDS = ("auto", "triton", "torch", "naive")
+TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+# The reference's effective templates: YAML `|-` block scalars, so no trailing newlines.
+DEFAULT_REPROMPT_TEMPLATE = "{prompt}{solution}{feedback}\n\nCorrectly solve the original question."
+DEFAULT_SOLUTION_TEMPLATE = "\nCorrect solution:\n\n{successful_previous_attempt}"
+DEFAULT_FEEDBACK_TEMPLATE = "\nThe following is feedback from your unsuccessful earlier attempt:\n\n{feedback_raw}"
+
+# Which placeholders each template must (and may only) contain.
+_TEMPLATE_FIELDS = {
+    "reprompt_template": {"prompt", "solution", "feedback"},
+    "solution_template": {"successful_previous_attempt"},
+    "feedback_template": {"feedback_raw"},
+}
+
+
+@dataclass
+class SDPOConfig:
+    """Configuration of Self-Distillation Policy Optimization.
+
+    Pass it to `SDPOTrainer(..., args=GRPOConfig(...), sdpo_config=SDPOConfig(...))`. Every
+    default equals the reference implementation's effective value unless the field is marked
+    *(sdpo-fast)*, in which case the reference has no such option.
+    """
+
+    # ------------------------------------------------------------------ switch and blend
+    enabled: bool = True
+    """*(sdpo-fast)* `False` trains plain GRPO: the trainer defers to `GRPOTrainer.compute_loss`."""
+
+    grpo_weight: float = 0.0
+    """*(sdpo-fast)* The paper's blend λ: loss = (1 − λ)·SDPO + λ·GRPO, both from one student
+    forward. 0 is pure SDPO (the reference), 1 is pure GRPO with SDPO's bookkeeping."""
+
+    # ------------------------------------------------------------------ the distillation loss
+    distillation_topk: int | None = 100
+    """K, the number of student top-K tokens the divergence is computed on. `None` distils the
+    full vocabulary. Must not exceed the vocabulary size."""
+
+    distillation_add_tail: bool = True
+    """Append a tail bucket log(1 − Σ top-K mass) so the K+1 buckets form a distribution.
+    `False` renormalises both sides over the K tokens instead."""
+
+    distillation_alpha: float = 0.5
+    """Divergence weight α ∈ [0, 1]. 0 = forward KL(teacher‖student), 1 = reverse
+    KL(student‖teacher), anything between = generalised Jensen–Shannon with mixture
+    (1−α)·student + α·teacher. The ends are the *unscaled* KLs, as in the reference."""
+
+    full_logit_distillation: bool = True
+    """`True`: logit-level SDPO (top-K or full-vocabulary divergence). `False`: token-level SDPO,
+    the REINFORCE surrogate sg(log π_S − log π_T)·log π_S on the sampled token; needs α = 1."""
+
+    is_clip: float | None = 2.0
+    """Upper clip of the detached importance ratio π_S/π_old that multiplies each token's loss.
+    `None` disables the correction. On-policy the ratio is exactly 1."""
+
+    loss_agg_mode: str = "token-mean"
+    """How per-token losses are aggregated: `token-mean`, `seq-mean-token-sum`,
+    `seq-mean-token-mean` or `seq-mean-token-sum-norm` (the reference's four modes). The trainer
+    normalises over the whole optimizer step, so gradient accumulation does not change it."""
+
+    # ------------------------------------------------------------------ reprompting
+    success_reward_threshold: float = 0.5
+    """A rollout whose (weighted, summed) reward is ≥ this is a success, usable as a demonstration."""
+
+    dont_reprompt_on_self_success: bool = True
+    """Never use a sample as its own demonstration."""
+
+    remove_thinking_from_demonstration: bool = True
+    """Strip `<think>…</think>` blocks (and the whitespace after them) from demonstrations."""
+
+    include_environment_feedback: bool = True
+    """Use the textual feedback that reward functions return with `{"score", "feedback"}`."""
+
+    environment_feedback_only_without_solution: bool = True
+    """Use feedback only for samples that have no demonstration."""
+
+    reprompt_template: str = DEFAULT_REPROMPT_TEMPLATE
+    """Teacher user turn. Placeholders: `{prompt}` (the original question), `{solution}`, `{feedback}`."""
+
+    solution_template: str = DEFAULT_SOLUTION_TEMPLATE
+    """Demonstration section. Placeholder: `{successful_previous_attempt}`."""
+
+    feedback_template: str = DEFAULT_FEEDBACK_TEMPLATE
+    """Feedback section. Placeholder: `{feedback_raw}`."""
+
+    max_reprompt_len: int = 10240
+    """Maximum length of the teacher prompt in tokens (the completion is appended after it)."""
+
+    reprompt_truncation: str = "middle"
+    """*(sdpo-fast default)* How an over-long teacher prompt is shortened. `middle` trims the middle
+    of the demonstration/feedback text, so the question, the system turns, the closing instruction
+    and the generation prompt always survive; a prompt that cannot fit even without them is masked
+    out of the loss and counted. `left` keeps the last tokens, `right` the first tokens (the
+    reference, which can cut the generation prompt), `error` raises."""
+
+    # ------------------------------------------------------------------ the teacher
+    teacher_regularization: str = "ema"
+    """`ema`: the teacher is an exponential moving average of the student, updated once per
+    generation batch. `trust-region`: teacher logits (1 − c)·z_initial + c·z_student."""
+
+    teacher_update_rate: float = 0.05
+    """EMA rate τ (teacher ← (1 − τ)·teacher + τ·student), or the trust-region mix c."""
+
+    teacher_dtype: str = "auto"
+    """*(sdpo-fast)* Storage dtype of a full-copy teacher. `auto` = the student's dtype, except
+    that an fp32 student gets an fp32 teacher. Low-precision teachers are EMA-updated with
+    stochastic rounding, so small updates still move them."""
+
+    teacher_micro_batch_size: int | None = None
+    """*(sdpo-fast)* Rows per no-grad teacher forward; `None` = the whole micro-batch at once."""
+
+    # ------------------------------------------------------------------ the fused head
+    distillation_backend: str = "auto"
+    """*(sdpo-fast)* `auto` (Triton on CUDA, chunked PyTorch elsewhere), `triton`, `torch`, or
+    `naive` (full logits; for debugging and benchmarks only)."""
+
+    distillation_memory_budget_mb: int = 256
+    """*(sdpo-fast)* Scratch memory budget of the chunked head paths, in MiB. It bounds the tile
+    sizes, whatever the number of tokens and the vocabulary size."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise TypeError(f"enabled must be a bool, got {self.enabled!r}.")
+        _check_unit("grpo_weight", self.grpo_weight)
+        _check_unit("distillation_alpha", self.distillation_alpha)
+        _check_unit("teacher_update_rate", self.teacher_update_rate)
+        if self.distillation_topk is not None:
+            if isinstance(self.distillation_topk, bool) or not isinstance(self.distillation_topk, int):
+                raise TypeError(
+                    f"distillation_topk must be a positive int or None (full vocabulary), got {self.distillation_topk!r}."
+                )
+            if self.distillation_topk < 1:
+                raise ValueError(
+                    f"distillation_topk={self.distillation_topk} must be ≥ 1. Use distillation_topk=None to distil "
+                    "the full vocabulary."
+                )
+        if not self.full_logit_distillation and self.distillation_alpha != 1.0:
+            raise ValueError(
+                "Token-level SDPO (full_logit_distillation=False) is the REINFORCE estimator of the reverse KL and "
+                f"needs distillation_alpha=1.0, got {self.distillation_alpha}. Set distillation_alpha=1.0, or keep "
+                "full_logit_distillation=True for the JSD/forward-KL variants."
+            )
+        if self.is_clip is not None and not self.is_clip > 0:
+            raise ValueError(f"is_clip must be > 0 or None (no importance-sampling correction), got {self.is_clip!r}.")
+        _check_choice("loss_agg_mode", self.loss_agg_mode, LOSS_AGG_MODES)
+        _check_choice("teacher_regularization", self.teacher_regularization, TEACHER_REGULARIZATIONS)
+        _check_choice("reprompt_truncation", self.reprompt_truncation, REPROMPT_TRUNCATIONS)
+        _check_choice("distillation_backend", self.distillation_backend, BACKENDS)
+        _check_choice("teacher_dtype", self.teacher_dtype, TEACHER_DTYPES)
+        if not isinstance(self.max_reprompt_len, int) or self.max_reprompt_len < 1:
+            raise ValueError(f"max_reprompt_len must be a positive number of tokens, got {self.max_reprompt_len!r}.")
+        if self.teacher_micro_batch_size is not None and (
+            not isinstance(self.teacher_micro_batch_size, int) or self.teacher_micro_batch_size < 1
+        ):
+            raise ValueError(
+                f"teacher_micro_batch_size must be a positive int or None, got {self.teacher_micro_batch_size!r}."
+            )
+        if not self.distillation_memory_budget_mb > 0:
+            raise ValueError(
+                f"distillation_memory_budget_mb must be > 0 MiB, got {self.distillation_memory_budget_mb!r}."
+            )
+        for name, allowed in _TEMPLATE_FIELDS.items():
+            _check_template(name, getattr(self, name), allowed)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable copy, for logging and checkpoints."""
+        return asdict(self)
+
+
+def _check_unit(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number in [0, 1], got {value!r}.")
+    if not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{name}={value} is outside [0, 1]. Choose a value between 0 and 1.")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"Unknown {name}={value!r}. Choose one of: {', '.join(repr(c) for c in choices)}.")
+
+
+def _check_template(name: str, template: str, allowed: set[str]) -> None:
+    if not isinstance(template, str):
+        raise TypeError(f"{name} must be a string, got {type(template).__name__}.")
+    try:
+        used = {fname for _, fname, _, _ in string.Formatter().parse(template) if fname is not None}
+    except ValueError as err:  # unbalanced braces
+        raise ValueError(
+            f"{name} is not a valid format string ({err}). Double literal braces as '{{{{' and '}}}}'."
+        ) from None
+    missing = allowed - used
+    unknown = used - allowed
+    if missing:
+        raise ValueError(
+            f"{name} is missing the placeholder(s) {', '.join('{' + m + '}' for m in sorted(missing))}. "
+            f"Got {template!r}."
+        )
+    if unknown:
+        raise ValueError(
+            f"{name} uses unknown placeholder(s) {', '.join('{' + u + '}' for u in sorted(unknown))}; it may only "
+            f"use {', '.join('{' + a + '}' for a in sorted(allowed))}. Double literal braces as '{{{{' and '}}}}'."
+        )

@@ -1,0 +1,180 @@
+"""`sdpo_head`: the SDPO loss head from hidden states and lm_head weights, with a `backend=` switch.
+
+    out = sdpo_head(h_student, W_student, h_teacher, W_teacher, sampled_ids, topk=100)
+    out.divergence       # (N,) D_t on K+1 buckets (or K renormalised, or the full vocabulary)
+    out.student_logprob  # (N,) log π_S(y_t), differentiable
+    out.teacher_logprob  # (N,) log π_T(y_t)
+
+Logits are hidden @ weightᵀ / temperature. The top-K comes from the student only; the teacher is
+gathered at those ids with its own full-vocabulary normaliser. Backends:
+
+- `naive`:  full (N, V) logits in PyTorch; the oracle and benchmark baseline.
+- `torch`:  chunked PyTorch (`sdpo_fast.kernels.chunked`), scratch bounded by `memory_budget_mb`.
+- `triton`: fused Triton kernels (`sdpo_fast.kernels.triton_*`); CUDA, or the Triton interpreter.
+- `auto`:   `triton` on CUDA when Triton is available, `torch` elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+
+from .kernels.function import HeadOptions, SDPOHeadFunction
+from .kernels.naive import naive_head
+
+BACKENDS = ("auto", "triton", "torch", "naive")
+_SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+class SDPOHeadOutput(NamedTuple):
+    divergence: torch.Tensor
+    student_logprob: torch.Tensor
+    teacher_logprob: torch.Tensor
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The concrete backend `auto` stands for on `device`, or a clear error for an impossible choice."""
+    if backend not in BACKENDS:
+        raise ValueError(f"Unknown backend={backend!r}. Choose one of {', '.join(map(repr, BACKENDS))}.")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError("backend='triton' needs the `triton` package (Linux). Use backend='torch' elsewhere.")
+        if device.type != "cuda" and not _interpreting():
+            raise RuntimeError(
+                f"backend='triton' needs CUDA tensors, got device {device}. Use backend='torch' (or 'auto') on "
+                "the CPU; set TRITON_INTERPRET=1 before importing sdpo_fast to run the kernels in the interpreter."
+            )
+    return backend
+
+
+def _validate(h_s, w_s, h_t, w_t, targets, topk, alpha, temperature) -> None:
+    for name, t in (("student_hidden", h_s), ("student_weight", w_s), ("teacher_hidden", h_t), ("teacher_weight", w_t)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2:
+            raise ValueError(f"{name} must be a 2-D tensor, got {getattr(t, 'shape', type(t))}.")
+        if t.dtype not in _SUPPORTED_DTYPES:
+            raise TypeError(f"{name} has dtype {t.dtype}; supported are float32, bfloat16, float16 (and float64).")
+    n, vocab = h_s.shape[0], w_s.shape[0]
+    if w_s.shape[1] != h_s.shape[1]:
+        raise ValueError(
+            f"student_hidden is (N, {h_s.shape[1]}) but student_weight is {tuple(w_s.shape)}: hidden sizes differ."
+        )
+    if w_t.shape[1] != h_t.shape[1]:
+        raise ValueError(
+            f"teacher_hidden is (N, {h_t.shape[1]}) but teacher_weight is {tuple(w_t.shape)}: hidden sizes differ."
+        )
+    if h_t.shape[0] != n:
+        raise ValueError(f"student_hidden has {n} rows but teacher_hidden has {h_t.shape[0]}; pass the same positions.")
+    if w_t.shape[0] != vocab:
+        raise ValueError(f"student and teacher vocabularies differ ({vocab} vs {w_t.shape[0]}); they must be equal.")
+    if (
+        not isinstance(targets, torch.Tensor)
+        or targets.shape != (n,)
+        or targets.dtype not in (torch.int64, torch.int32)
+    ):
+        raise ValueError(
+            f"target_ids must be an int64 tensor of shape ({n},), got {getattr(targets, 'shape', targets)}."
+        )
+    devices = {t.device for t in (h_s, w_s, h_t, w_t, targets)}
+    if len(devices) > 1:
+        raise ValueError(f"All inputs must be on one device, got {sorted(map(str, devices))}.")
+    if topk is not None:
+        if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+            raise ValueError(f"topk must be a positive int or None (full vocabulary), got {topk!r}.")
+        if topk > vocab:
+            raise ValueError(
+                f"topk={topk} exceeds the vocabulary size V={vocab}. Use topk ≤ V, or topk=None for the exact "
+                "full-vocabulary divergence."
+            )
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha={alpha} is outside [0, 1].")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}.")
+    if n and (int(targets.min()) < 0 or int(targets.max()) >= vocab):
+        raise ValueError(
+            f"target_ids must lie in [0, {vocab}), got values in [{int(targets.min())}, {int(targets.max())}]."
+        )
+
+
+def _tile_ops(backend: str):
+    if backend == "torch":
+        from .kernels.chunked import TorchTiles
+
+        return TorchTiles()
+    from .kernels.triton_head import TritonTiles
+
+    return TritonTiles()
+
+
+def sdpo_head(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    target_ids: torch.Tensor,
+    *,
+    topk: int | None = 100,
+    add_tail: bool = True,
+    alpha: float = 0.5,
+    temperature: float = 1.0,
+    backend: str = "auto",
+    memory_budget_mb: float = 256,
+) -> SDPOHeadOutput:
+    """Per-token SDPO divergence and sampled-token log-probs, without full-vocabulary logits.
+
+    Args:
+        student_hidden: (N, H) final hidden states of the student at the scored positions.
+        student_weight: (V, H) the student's lm_head weight.
+        teacher_hidden: (N, H_T) the teacher's hidden states at the same positions (no grad).
+        teacher_weight: (V, H_T) the teacher's lm_head weight (no grad).
+        target_ids: (N,) the sampled token ids.
+        topk: K student top-K tokens; None for the full vocabulary.
+        add_tail: K+1 buckets with a tail (True) or K renormalised buckets (False).
+        alpha: 0 forward KL, 1 reverse KL, otherwise generalised JSD.
+        temperature: logits are divided by it on both sides.
+        backend: `auto`, `triton`, `torch` or `naive`.
+        memory_budget_mb: scratch budget of the chunked paths.
+
+    Returns:
+        `SDPOHeadOutput(divergence, student_logprob, teacher_logprob)`, each (N,) in fp32 (fp64 for
+        fp64 inputs). Gradients flow to `student_hidden` and `student_weight` only.
+    """
+    _validate(student_hidden, student_weight, teacher_hidden, teacher_weight, target_ids, topk, alpha, temperature)
+    backend = resolve_backend(backend, student_hidden.device)
+    targets = target_ids.long()
+    teacher_hidden, teacher_weight = teacher_hidden.detach(), teacher_weight.detach()
+    inv_temp = 1.0 / float(temperature)
+    if backend == "naive":
+        return SDPOHeadOutput(
+            *naive_head(
+                student_hidden,
+                student_weight,
+                teacher_hidden,
+                teacher_weight,
+                targets,
+                topk=topk,
+                add_tail=add_tail,
+                alpha=float(alpha),
+                inv_temp=inv_temp,
+            )
+        )
+    opts = HeadOptions(topk, bool(add_tail), float(alpha), inv_temp, int(memory_budget_mb * 2**20))
+    out = SDPOHeadFunction.apply(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, targets, _tile_ops(backend), opts
+    )
+    return SDPOHeadOutput(*out)

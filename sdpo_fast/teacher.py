@@ -1,0 +1,254 @@
+"""The self-teacher: EMA updates, the once-per-generation-batch callback, LoRA teacher adapters and
+the trust-region logit blend (reference spec §3).
+
+The teacher is never a third model. With full fine-tuning it is the trainer's `ref_model` (a copy
+of the initial policy); with PEFT it is a second adapter, `sdpo_teacher`, on the same base model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Mapping
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+
+TEACHER_ADAPTER = "sdpo_teacher"
+# Wrapper prefixes that distributed/compile wrappers insert into parameter names.
+_WRAPPER_TOKENS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+_SR_CHUNK = 1 << 22  # elements per stochastic-rounding chunk: bounds the fp32 scratch to ~80 MiB
+
+
+def _normalise_name(name: str) -> str:
+    for token in _WRAPPER_TOKENS:
+        name = name.replace(token, "")
+    return name.removeprefix("module.")
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP2), or the tensor itself. The EMA is elementwise, so shards suffice."""
+    return getattr(t, "_local_tensor", t)
+
+
+def named_tensors(source: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Floating-point parameters by normalised name (quantised/integer storage is skipped)."""
+    items = source.items() if isinstance(source, Mapping) else source.named_parameters()
+    return {_normalise_name(k): _local(v) for k, v in items if torch.is_floating_point(v)}
+
+
+def stochastic_round(x: torch.Tensor, dtype: torch.dtype, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Round fp32 `x` to bf16/fp16 stochastically: unbiased, so tiny EMA steps move the teacher on average.
+
+    Round-to-nearest would turn an update of 0.05·(θ_S − θ_T) below half an ulp into exactly no
+    update, freezing a low-precision teacher forever.
+    """
+    nearest = x.to(dtype)
+    diff = x - nearest.float()
+    bits = nearest.view(torch.int16)
+    # Neighbour of `nearest` in the direction of `diff`: one step in the raw bit pattern moves the
+    # magnitude by one ulp (sign-magnitude format); from ±0 it is the smallest subnormal.
+    away_from_zero = (diff > 0) == (nearest > 0)
+    neighbour_bits = torch.where(away_from_zero, bits + 1, bits - 1)
+    zero_bits = torch.where(diff > 0, torch.ones_like(bits), torch.full_like(bits, -32767))  # 0x0001 / 0x8001
+    neighbour_bits = torch.where(nearest == 0, zero_bits, neighbour_bits)
+    neighbour = neighbour_bits.view(dtype)
+    gap = (neighbour.float() - nearest.float()).abs()
+    prob = diff.abs() / gap
+    draw = torch.rand(x.shape, generator=generator, device=x.device)
+    return torch.where(draw < prob, neighbour, nearest)
+
+
+@torch.no_grad()
+def ema_update(
+    teacher: nn.Module | Mapping[str, torch.Tensor],
+    student: nn.Module | Mapping[str, torch.Tensor],
+    rate: float,
+    *,
+    generator: torch.Generator | None = None,
+) -> None:
+    """θ_T ← (1 − rate)·θ_T + rate·θ_S, in place, matching parameters by name.
+
+    Works on sharded parameters (FSDP1 flat shards, FSDP2 DTensors) as long as the student and
+    the teacher are sharded identically, because the update is elementwise. fp32 pairs use a fused
+    `torch._foreach_lerp_`; bf16/fp16 teachers are updated in fp32 and stochastically rounded back.
+    """
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"EMA rate must lie in [0, 1], got {rate}.")
+    t_params, s_params = named_tensors(teacher), named_tensors(student)
+    if t_params.keys() != s_params.keys():
+        missing = sorted(s_params.keys() - t_params.keys())[:5]
+        extra = sorted(t_params.keys() - s_params.keys())[:5]
+        raise ValueError(
+            "Teacher and student parameters do not match by name, so the EMA cannot pair them. "
+            f"Only in the student: {missing}; only in the teacher: {extra}. The teacher must be a copy of the "
+            "student with the same structure (and, when sharded, the same sharding)."
+        )
+    if rate == 0.0:
+        return
+    fused_t, fused_s = [], []
+    for name, t in t_params.items():
+        s = s_params[name]
+        if t.shape != s.shape:
+            raise ValueError(
+                f"Parameter {name!r} has shape {tuple(t.shape)} in the teacher but {tuple(s.shape)} in the student."
+            )
+        if t.dtype in _LOW_PRECISION:
+            _lerp_stochastic(t, s, rate, generator)
+        elif s.dtype == t.dtype and s.device == t.device:
+            fused_t.append(t)
+            fused_s.append(s)
+        else:
+            t.lerp_(s.to(device=t.device, dtype=t.dtype), rate)
+    if fused_t:
+        torch._foreach_lerp_(fused_t, fused_s, rate)
+
+
+def _lerp_stochastic(t: torch.Tensor, s: torch.Tensor, rate: float, generator: torch.Generator | None) -> None:
+    flat_t, flat_s = t.view(-1), s.reshape(-1)
+    for start in range(0, flat_t.numel(), _SR_CHUNK):
+        chunk = slice(start, start + _SR_CHUNK)
+        updated = flat_t[chunk].float().lerp_(flat_s[chunk].to(device=t.device, dtype=torch.float32), rate)
+        flat_t[chunk] = stochastic_round(updated, t.dtype, generator)
+
+
+def ema_period(num_iterations: int, steps_per_generation: int, gradient_accumulation_steps: int) -> int:
+    """Optimizer steps per generation batch (× iterations): how often the reference's EMA fires."""
+    return max(1, (num_iterations * steps_per_generation) // gradient_accumulation_steps)
+
+
+class EMATeacherCallback(TrainerCallback):
+    """Updates the teacher once per generation batch, like the reference does once per training step.
+
+    It fires on optimizer steps `period, 2·period, …` with `period = num_iterations ×
+    steps_per_generation / gradient_accumulation_steps`, and skips the update when every optimizer
+    step of that window had non-finite gradients (the reference skips such steps and, if none was
+    finite, the EMA too).
+
+    Args:
+        update: performs one EMA update (closes over teacher, student and rate).
+        period: optimizer steps between updates.
+        gradients: returns the student's gradient tensors, to check finiteness before each step.
+        all_reduce_flag: combines the per-process finiteness flag (sharded gradients differ by rank).
+    """
+
+    def __init__(
+        self,
+        update: Callable[[], None],
+        period: int,
+        gradients: Callable[[], list[torch.Tensor]] | None = None,
+        all_reduce_flag: Callable[[bool], bool] | None = None,
+    ):
+        if period < 1:
+            raise ValueError(f"period must be ≥ 1 optimizer step, got {period}.")
+        self.update = update
+        self.period = period
+        self.gradients = gradients
+        self.all_reduce_flag = all_reduce_flag or (lambda flag: flag)
+        self.fired_at: list[int] = []
+        self.skipped_at: list[int] = []
+        self._finite_step_in_window = False
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        finite = True
+        if self.gradients is not None:
+            grads = [g for g in self.gradients() if g is not None]
+            if grads:
+                norms = torch._foreach_norm(grads)
+                finite = bool(torch.isfinite(torch.stack([n.float().to(norms[0].device) for n in norms])).all())
+        self._finite_step_in_window |= self.all_reduce_flag(finite)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.period != 0:
+            return
+        if self.gradients is None or self._finite_step_in_window:
+            self.update()
+            self.fired_at.append(state.global_step)
+        else:
+            self.skipped_at.append(state.global_step)
+        self._finite_step_in_window = False
+
+
+# ---------------------------------------------------------------------------------------------- LoRA teacher
+
+
+def add_teacher_adapter(peft_model, student_adapter: str = "default", name: str = TEACHER_ADAPTER) -> str:
+    """Add a frozen teacher adapter initialised as an exact copy of the student's adapter.
+
+    (TRL's experimental SDPO starts its LoRA teacher at zero, i.e. at the base model; the reference's
+    teacher starts at the initial policy, which this reproduces.)
+    """
+    if student_adapter not in peft_model.peft_config:
+        raise ValueError(f"The PEFT model has no adapter named {student_adapter!r} to copy for the teacher.")
+    if name not in peft_model.peft_config:
+        peft_model.add_adapter(name, peft_model.peft_config[student_adapter])
+    pairs = adapter_pairs(peft_model, student_adapter, name)
+    if not pairs:
+        raise ValueError(
+            f"The teacher adapter {name!r} has no parameters that pair with {student_adapter!r}; this PEFT method "
+            "cannot hold a second adapter. Use LoRA, or full fine-tuning."
+        )
+    with torch.no_grad():
+        for teacher_param, student_param in pairs.values():
+            teacher_param.copy_(student_param)
+            teacher_param.requires_grad_(False)
+    return name
+
+
+def adapter_pairs(
+    peft_model, student_adapter: str = "default", teacher_adapter: str = TEACHER_ADAPTER
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{name: (teacher_tensor, student_tensor)} for every parameter of the two adapters."""
+    params = dict(peft_model.named_parameters())
+    s_tag, t_tag = f".{student_adapter}.", f".{teacher_adapter}."
+    pairs = {}
+    for name, param in params.items():
+        if t_tag in name:
+            student_name = name.replace(t_tag, s_tag)
+            if student_name in params:
+                pairs[name] = (param, params[student_name])
+    return pairs
+
+
+@contextlib.contextmanager
+def active_adapter(peft_model, name: str) -> Iterator[None]:
+    """Temporarily make `name` the active adapter, restoring the previous one and every `requires_grad` flag."""
+    flags = {n: p.requires_grad for n, p in peft_model.named_parameters()}
+    previous = peft_model.active_adapter
+    peft_model.set_adapter(name)
+    try:
+        yield
+    finally:
+        peft_model.set_adapter(previous)
+        for n, p in peft_model.named_parameters():
+            p.requires_grad_(flags[n])
+
+
+# ---------------------------------------------------------------------------------------------- trust region
+
+
+def trust_region_head_inputs(
+    ref_hidden: torch.Tensor,
+    live_hidden: torch.Tensor,
+    ref_weight: torch.Tensor,
+    live_weight: torch.Tensor,
+    mix: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs for the fused head that realise z_T = (1 − c)·z_ref + c·z_live as one matmul.
+
+    (1 − c)·h_ref·W_refᵀ + c·h_live·W_liveᵀ = [(1 − c)·h_ref, c·h_live]·[W_ref, W_live]ᵀ, so the
+    hidden states and weights are concatenated along the hidden dimension. When both models share
+    one lm_head tensor (PEFT without an lm_head adapter) the hidden states are blended instead,
+    which needs no concatenated weight.
+    """
+    if not 0.0 <= mix <= 1.0 or math.isnan(mix):
+        raise ValueError(f"The trust-region mix must lie in [0, 1], got {mix}.")
+    if ref_weight is live_weight or (
+        ref_weight.data_ptr() == live_weight.data_ptr() and ref_weight.shape == live_weight.shape
+    ):
+        return torch.lerp(ref_hidden.float(), live_hidden.float(), mix).to(ref_hidden.dtype), ref_weight
+    hidden = torch.cat([(1.0 - mix) * ref_hidden, mix * live_hidden.to(ref_hidden.dtype)], dim=-1)
+    weight = torch.cat([ref_weight, live_weight.to(ref_weight.dtype)], dim=-1)
+    return hidden, weight

@@ -1,0 +1,21 @@
+"""Test setup: CPU runs use the Triton interpreter; helpers in this folder are importable."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+# The Triton kernels run on the CPU through the interpreter, which must be chosen before
+# `triton.jit` decorates them (i.e. before sdpo_fast's Triton module is first imported).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+sys.path.insert(0, str(Path(__file__).parent))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

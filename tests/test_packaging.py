@@ -1,0 +1,44 @@
+"""Packaging: `kernels/` installs only as `sdpo_fast.kernels`; README Quick start and CI agree."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_kernels_is_not_a_top_level_module(tmp_path):
+    code = (
+        "import importlib.util, sdpo_fast.kernels, pathlib;"
+        "spec = importlib.util.find_spec('kernels');"
+        "ours = spec is not None and pathlib.Path(spec.origin or '').parent.name == 'kernels' "
+        "and (pathlib.Path(spec.origin).parent / 'function.py').exists();"
+        "assert not ours, spec;"
+        "print(pathlib.Path(sdpo_fast.kernels.__file__).parent)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert Path(out.stdout.strip()).resolve() == (ROOT / "kernels").resolve()
+
+
+def test_readme_quick_start_has_exactly_two_pip_install_commands():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"## Quick start.*?```(?:bash|sh)?\n(.*?)```", readme, re.S)
+    assert block, "README.md needs a fenced Quick start block"
+    lines = [line.strip() for line in block.group(1).splitlines() if line.strip()]
+    assert len(lines) == 2 and all(line.startswith("pip install") for line in lines)
+    assert lines[1] == 'pip install -e ".[dev]" && pytest'
+    script = re.search(r"python (\S+\.py)", lines[0])
+    assert script and (ROOT / script.group(1)).exists()
+
+
+def test_ci_runs_the_readme_test_command():
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "README.md" in ci and "pytest" in ci and "torch==2.13.0" in ci
+
+
+def test_license_is_the_full_apache_text():
+    text = (ROOT / "LICENSE").read_text()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text and "END OF TERMS AND CONDITIONS" in text

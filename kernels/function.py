@@ -134,7 +134,8 @@ def _add_sparse(tile: torch.Tensor, values: torch.Tensor, idx: torch.Tensor, v0:
     """tile[r, idx[r, s] − v0] += values[r, s] for the entries inside [v0, v1); duplicates accumulate."""
     inside = (idx >= v0) & (idx < v1)
     rows = torch.arange(idx.shape[0], device=idx.device).unsqueeze(1).expand_as(idx)
-    tile.index_put_((rows[inside], idx[inside] - v0), values[inside].to(tile.dtype), accumulate=True)
+    flat = (rows * tile.shape[1] + (idx - v0))[inside]
+    tile.view(-1).index_add_(0, flat, values[inside].to(tile.dtype))
 
 
 def linear_backward(
@@ -156,14 +157,14 @@ def linear_backward(
     grad_h = torch.zeros(n, hidden, dtype=acc, device=h.device) if need_dh else None
     grad_w = torch.empty_like(weight) if need_dw else None
     tile_dtype = h_op.dtype
-    buffer = torch.empty(rows_per_tile, cols_per_tile, dtype=tile_dtype, device=h.device)
+    buffer = torch.empty(rows_per_tile * cols_per_tile, dtype=tile_dtype, device=h.device)
     for v0 in range(0, vocab, cols_per_tile):
         v1 = min(vocab, v0 + cols_per_tile)
         w_chunk = _gemm_operand(weight[v0:v1])
         grad_w_chunk = torch.zeros(v1 - v0, hidden, dtype=acc, device=h.device) if need_dw else None
         for r0 in range(0, n, rows_per_tile):
             r1 = min(n, r0 + rows_per_tile)
-            tile = buffer[: r1 - r0, : v1 - v0]
+            tile = buffer[: (r1 - r0) * (v1 - v0)].view(r1 - r0, v1 - v0)  # contiguous
             ops.dense_grad(spec, slice(r0, r1), v0, v1, tile)
             _add_sparse(tile, sparse_values[r0:r1], sparse_idx[r0:r1], v0, v1)
             if need_dh:

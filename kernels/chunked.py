@@ -142,7 +142,16 @@ class TorchTiles:
                 out.copy_(target)
             return
         ls, lt = self._log_probs(
-            spec.h, spec.weight, spec.lse, spec.teacher_h, spec.teacher_weight, spec.teacher_lse, rows, v0, v1, spec.inv_temp
+            spec.h,
+            spec.weight,
+            spec.lse,
+            spec.teacher_h,
+            spec.teacher_weight,
+            spec.teacher_lse,
+            rows,
+            v0,
+            v1,
+            spec.inv_temp,
         )
         p_s = ls.exp()
         if spec.alpha == 0.0:

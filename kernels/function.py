@@ -222,5 +222,6 @@ class SDPOHeadFunction(torch.autograd.Function):
             spec = GradSpec(h_s, w_s, lse_s, g_div * bucket_grad.sum(1) + g_logp, opts.inv_temp)
             sparse_values = torch.cat([g_div.unsqueeze(1) * bucket_grad, g_logp.unsqueeze(1)], dim=1)
             sparse_idx = torch.cat([top_idx, targets.unsqueeze(1)], dim=1)
-        grad_h, grad_w = linear_backward(spec, ops, sparse_values, sparse_idx, need_dh, need_dw, opts.budget_bytes)
+        with torch.autocast(device_type=h_s.device.type, enabled=False):
+            grad_h, grad_w = linear_backward(spec, ops, sparse_values, sparse_idx, need_dh, need_dw, opts.budget_bytes)
         return grad_h, grad_w, None, None, None, None, None

@@ -160,19 +160,20 @@ def sdpo_head(
     teacher_hidden, teacher_weight = teacher_hidden.detach(), teacher_weight.detach()
     inv_temp = 1.0 / float(temperature)
     if backend == "naive":
-        return SDPOHeadOutput(
-            *naive_head(
-                student_hidden,
-                student_weight,
-                teacher_hidden,
-                teacher_weight,
-                targets,
-                topk=topk,
-                add_tail=add_tail,
-                alpha=float(alpha),
-                inv_temp=inv_temp,
+        with torch.autocast(device_type=student_hidden.device.type, enabled=False):
+            return SDPOHeadOutput(
+                *naive_head(
+                    student_hidden,
+                    student_weight,
+                    teacher_hidden,
+                    teacher_weight,
+                    targets,
+                    topk=topk,
+                    add_tail=add_tail,
+                    alpha=float(alpha),
+                    inv_temp=inv_temp,
+                )
             )
-        )
     opts = HeadOptions(topk, bool(add_tail), float(alpha), inv_temp, int(memory_budget_mb * 2**20))
     out = SDPOHeadFunction.apply(
         student_hidden, student_weight, teacher_hidden, teacher_weight, targets, _tile_ops(backend), opts

@@ -1,0 +1,716 @@
+"""`SDPOTrainer`: a drop-in `GRPOTrainer` that trains with Self-Distillation Policy Optimization.
+
+Data flow of one generation batch:
+
+    dataset rows ─► GRPOTrainer generation ─► rewards (+ feedback) ─┐
+                                                                   ▼
+    `_generate_and_score_completions`: gather rewards/texts/feedback across processes, choose
+        demonstrations, build teacher prompts (`sdpo_fast.reprompting`), append the *exact*
+        completion ids ─► teacher_input_ids / teacher_attention_mask / self_distillation_mask
+                                                                   ▼
+    `compute_loss` (per micro-batch): no-grad teacher forward ─► hidden states at the completion
+        positions; student forward ─► hidden states ─► `sdpo_head` (fused top-K + tail JSD) ─►
+        IS ratio, masks, aggregation (`sdpo_fast.loss`) [+ λ·GRPO from the same forward]
+                                                                   ▼
+    `EMATeacherCallback`: teacher ← (1 − τ)·teacher + τ·student, once per generation batch.
+
+The teacher is `self.ref_model` (a copy of the initial policy) or, with PEFT, a second adapter on
+the same base model. The trainer never computes full-vocabulary logits itself.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import warnings
+from typing import Any, ClassVar
+
+import torch
+from accelerate.utils import gather_object, is_peft_model
+from datasets import Dataset, IterableDataset
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from trl import GRPOConfig, GRPOTrainer
+
+from .config import SDPOConfig
+from .head import resolve_backend, sdpo_head
+from .loss import agg_loss, importance_ratio, token_level_surrogate
+from .reprompting import PromptCodec, build_teacher_contexts, group_key, question_text, tokenize_reprompt
+from .rewards import FeedbackStore, wrap_reward_function
+from .teacher import (
+    TEACHER_ADAPTER,
+    EMATeacherCallback,
+    active_adapter,
+    adapter_pairs,
+    add_teacher_adapter,
+    ema_period,
+    ema_update,
+    trust_region_head_inputs,
+)
+
+logger = logging.getLogger(__name__)
+
+TEACHER_CHECKPOINT_FILE = "sdpo_teacher.pt"
+_GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ---------------------------------------------------------------------------------------------- forward patch
+
+
+class SDPORequest:
+    """Asks a patched model forward for the backbone's hidden states at the completion positions.
+
+    With `head=None` the forward returns them, (B, T, H). Otherwise it returns `head(hidden,
+    lm_head_weight)`, computed *inside* the forward so that DDP/FSDP hooks see every parameter use.
+    """
+
+    __slots__ = ("completion_length", "head")
+
+    def __init__(self, completion_length: int, head=None):
+        self.completion_length = completion_length
+        self.head = head
+
+
+def _full_weight(weight: torch.Tensor) -> torch.Tensor:
+    """FSDP2 shards parameters as DTensors; the head needs the whole lm_head matrix (differentiably)."""
+    return weight.full_tensor() if hasattr(weight, "full_tensor") else weight
+
+
+def add_sdpo_forward(model) -> None:
+    """Patch `model.forward` to accept `sdpo=SDPORequest(...)`; without it the forward is unchanged.
+
+    Patched on the instance (like TRL's fused LM head), on top of whatever forward is there, so it
+    composes with TRL's and Unsloth's patches. Idempotent.
+    """
+    if getattr(model, "_sdpo_forward_patched", False):
+        return
+    previous = model.forward
+
+    def forward(*args, sdpo: SDPORequest | None = None, **kwargs):
+        if sdpo is None:
+            return previous(*args, **kwargs)
+        kwargs["use_cache"] = False
+        kwargs.pop("logits_to_keep", None)
+        backbone = model.base_model if model.base_model is not model else model.model
+        hidden = backbone(*args, **kwargs).last_hidden_state
+        hidden = hidden[:, -sdpo.completion_length - 1 : -1]  # the positions that predict the completion tokens
+        if sdpo.head is None:
+            return hidden
+        return sdpo.head(hidden, _full_weight(model.get_output_embeddings().weight))
+
+    model.forward = forward
+    model._sdpo_forward_patched = True
+
+
+def _check_head_compatible(model, topk: int | None) -> None:
+    config = model.config.get_text_config()
+    if getattr(config, "final_logit_softcapping", None):
+        raise NotImplementedError(
+            f"{type(model).__name__} applies final-logit soft-capping, which the fused SDPO head does not implement. "
+            "Use a model without soft-capping (e.g. Qwen, Llama, Gemma-3)."
+        )
+    head = model.get_output_embeddings()
+    if head is None or getattr(head, "bias", None) is not None:
+        raise NotImplementedError("The SDPO head needs a bias-free lm_head (`model.get_output_embeddings()`).")
+    vocab = head.weight.shape[0]
+    if topk is not None and topk > vocab:
+        raise ValueError(
+            f"SDPOConfig.distillation_topk={topk} exceeds the model's vocabulary size {vocab}. Lower it, or set "
+            "distillation_topk=None to distil the full vocabulary."
+        )
+
+
+def _logit_scale(model) -> float:
+    config = model.config.get_text_config()
+    scale = getattr(config, "logit_scale", None)
+    return 1.0 if scale is None else float(scale)
+
+
+# ---------------------------------------------------------------------------------------------- the trainer
+
+
+def _is_dataset(obj: Any) -> bool:
+    return isinstance(obj, Dataset | IterableDataset) or (
+        isinstance(obj, dict) and obj and all(isinstance(v, Dataset | IterableDataset) for v in obj.values())
+    )
+
+
+class _SDPOTrainerMixin:
+    """All SDPO behaviour; combined with whatever `GRPOTrainer` class is current (TRL's or Unsloth's)."""
+
+    _tag_names: ClassVar[list[str]] = ["trl", "grpo", "sdpo", "sdpo-fast"]
+    _name = "SDPO"
+
+    def __init__(
+        self,
+        model,
+        reward_funcs=None,
+        args: GRPOConfig | None = None,
+        sdpo_config: SDPOConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        reward_processing_classes=None,
+        callbacks=None,
+        optimizers=(None, None),
+        peft_config=None,
+        **grpo_kwargs,
+    ):
+        # GRPOTrainer's positional order is (model, reward_funcs, args, train_dataset, eval_dataset, ...):
+        # accept it unchanged so existing code keeps working.
+        if _is_dataset(sdpo_config):
+            sdpo_config, train_dataset, eval_dataset = (
+                None,
+                sdpo_config,
+                train_dataset if eval_dataset is None else eval_dataset,
+            )
+        if sdpo_config is not None and not isinstance(sdpo_config, SDPOConfig):
+            raise TypeError(f"sdpo_config must be an SDPOConfig, got {type(sdpo_config).__name__}.")
+        self.sdpo_config = sdpo = sdpo_config or SDPOConfig()
+        if args is None:
+            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
+            args = GRPOConfig(f"{str(name).split('/')[-1] or 'model'}-SDPO")
+        if sdpo.enabled:
+            self._check_distributed_support(args)
+            if args.beta != 0.0:
+                logger.warning(
+                    "SDPO replaces GRPO's KL penalty: the teacher is the reference model. Setting beta=%s → 0.0.",
+                    args.beta,
+                )
+                args.beta = 0.0
+            if args.sync_ref_model:
+                raise ValueError(
+                    "sync_ref_model=True conflicts with SDPO, whose teacher is the reference model updated by "
+                    "SDPOConfig.teacher_update_rate. Set sync_ref_model=False."
+                )
+            if sdpo.grpo_weight > 0 and args.loss_type not in _GRPO_LOSS_TYPES:
+                raise ValueError(
+                    f"grpo_weight > 0 blends a GRPO loss of loss_type in {_GRPO_LOSS_TYPES}; got loss_type="
+                    f"{args.loss_type!r}. Choose one of those, or grpo_weight=0."
+                )
+            _check_dataset(train_dataset, processing_class)
+        super().__init__(
+            model,
+            reward_funcs=reward_funcs,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            reward_processing_classes=reward_processing_classes,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            peft_config=peft_config,
+            **grpo_kwargs,
+        )
+        # Reward functions may return {"score", "feedback"} dicts: wrap the callables after TRL has named them.
+        self._feedback = FeedbackStore()
+        for i, func in enumerate(self.reward_funcs):
+            if not isinstance(func, torch.nn.Module):
+                self.reward_funcs[i] = wrap_reward_function(func, i, self.reward_func_names[i], self._feedback)
+        self._sdpo_batch: dict[str, Any] = {}
+        self._warned: set[str] = set()
+        self._backend_logged = False
+        if not sdpo.enabled:
+            return
+        if self.is_fsdp_enabled and self.accelerator.state.fsdp_plugin.fsdp_version != 2:
+            raise NotImplementedError(
+                "SDPO supports FSDP version 2 only: its parameters are DTensors, which the fused head gathers and the "
+                "EMA teacher updates shard by shard. Set fsdp_config={'fsdp_version': 2}."
+            )
+        unwrapped = self.model.get_base_model() if is_peft_model(self.model) else self.model
+        _check_head_compatible(unwrapped, sdpo.distillation_topk)
+        self._logit_scale = _logit_scale(unwrapped)
+        self.sdpo_backend = resolve_backend(sdpo.distillation_backend, self.accelerator.device)
+        add_sdpo_forward(unwrapped)
+        self._setup_teacher()
+        logger.info("SDPO: teacher=%s, head backend=%s", self._teacher_kind, self.sdpo_backend)
+
+    # ------------------------------------------------------------------------------------ setup
+
+    @staticmethod
+    def _check_distributed_support(args: GRPOConfig) -> None:
+        ds = args.deepspeed_plugin
+        if ds is not None and ds.zero_stage == 3:
+            raise NotImplementedError(
+                "SDPO does not support DeepSpeed ZeRO-3 yet: the fused head reads lm_head.weight directly in its "
+                "backward pass, where ZeRO-3 has re-partitioned it. Use ZeRO-1/2, FSDP2 "
+                "(fsdp_config={'fsdp_version': 2}), or LoRA on one GPU."
+            )
+
+    def _setup_teacher(self) -> None:
+        """The teacher: a second adapter under PEFT, else a frozen copy of the policy in `self.ref_model`."""
+        sdpo = self.sdpo_config
+        if is_peft_model(self.model):
+            add_teacher_adapter(self.model)
+            self._teacher_kind = "adapter"
+            self.ref_model = None
+        else:
+            teacher = copy.deepcopy(self.model)
+            teacher.__dict__.pop("forward", None)  # drop the copied patches: they close over the student
+            teacher.__dict__.pop("_sdpo_forward_patched", None)
+            dtype = _DTYPES.get(sdpo.teacher_dtype)
+            if sdpo.teacher_dtype == "auto":
+                dtype = torch.float32 if self.model.dtype == torch.float32 else self.model.dtype
+            teacher.to(dtype).eval().requires_grad_(False)
+            add_sdpo_forward(teacher)
+            if self.is_deepspeed_enabled:
+                from trl.models import prepare_deepspeed
+
+                teacher = prepare_deepspeed(teacher, self.accelerator)
+            elif self.is_fsdp_enabled:
+                from trl.models import prepare_fsdp
+
+                teacher = prepare_fsdp(teacher, self.accelerator)
+            else:
+                teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
+            self.ref_model = teacher
+            self._teacher_kind = "ema-copy" if sdpo.teacher_regularization == "ema" else "trust-region-copy"
+        if sdpo.teacher_regularization == "ema" and sdpo.teacher_update_rate > 0:
+            period = ema_period(
+                self.num_iterations, self.args.steps_per_generation, self.args.gradient_accumulation_steps
+            )
+            self.ema_callback = EMATeacherCallback(
+                self._ema_update, period, gradients=self._student_gradients, all_reduce_flag=self._all_ranks_true
+            )
+            self.add_callback(self.ema_callback)
+
+    def _student_gradients(self) -> list[torch.Tensor]:
+        return [p.grad for p in self.model.parameters() if p.requires_grad and p.grad is not None]
+
+    def _all_ranks_true(self, flag: bool) -> bool:
+        if self.accelerator.num_processes == 1:
+            return flag
+        bad = torch.tensor([0.0 if flag else 1.0], device=self.accelerator.device)
+        return float(self.accelerator.reduce(bad, reduction="sum")) == 0.0
+
+    @torch.no_grad()
+    def _ema_update(self) -> None:
+        rate = self.sdpo_config.teacher_update_rate
+        if self._teacher_kind == "adapter":
+            pairs = adapter_pairs(self.accelerator.unwrap_model(self.model))
+            ema_update({n: t for n, (t, _) in pairs.items()}, {n: s for n, (_, s) in pairs.items()}, rate)
+        else:
+            ema_update(self._unwrap_teacher(), self._student_for_ema(), rate)
+
+    def _student_for_ema(self):
+        # FSDP: update the local shards, so keep the wrapper (teacher and student are sharded alike).
+        return self.model if self.is_fsdp_enabled else self.accelerator.unwrap_model(self.model)
+
+    def _unwrap_teacher(self):
+        if self.is_fsdp_enabled:
+            return self.ref_model
+        return getattr(self.ref_model, "module", self.ref_model)
+
+    # ------------------------------------------------------------------------------------ rewards and teacher inputs
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        self._feedback.clear()
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._sdpo_batch = {
+            "inputs": inputs,
+            "prompts": prompts,
+            "completion_ids": completion_ids_list,
+            "feedback": self._feedback.combined(len(prompts)),
+            "rewards_per_func": rewards_per_func,
+        }
+        return rewards_per_func
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        if not self.sdpo_config.enabled:
+            return output
+        output.update(self._teacher_inputs(output))
+        return output
+
+    def _teacher_inputs(self, output: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Reprompt every local sample and append its exact completion ids (spec §2 and §4)."""
+        sdpo, cap = self.sdpo_config, self._sdpo_batch
+        mode = "train" if self.model.training else "eval"
+        device = self.accelerator.device
+        local_n = len(cap["prompts"])
+        # Success is judged on the global, weighted reward sum; rows where every function returned None never succeed.
+        rewards = cap["rewards_per_func"]
+        scores = (rewards * self.reward_weights.to(rewards.device).unsqueeze(0)).nansum(dim=1)
+        scores[torch.isnan(rewards).all(dim=1)] = math.nan
+        texts = (
+            self.processing_class.batch_decode(cap["completion_ids"], skip_special_tokens=True)
+            if not self._is_vlm
+            else (self.processing_class.tokenizer.batch_decode(cap["completion_ids"], skip_special_tokens=True))
+        )
+        uids = [row.get("uid") for row in cap["inputs"]]
+        keys = [group_key(p, u) for p, u in zip(cap["prompts"], uids)]
+        # One group can span processes: choose demonstrations on the gathered batch, keep the local slice.
+        all_prompts, all_keys = gather_object(cap["prompts"]), gather_object(keys)
+        all_texts, all_feedback = gather_object(texts), gather_object(cap["feedback"])
+        contexts = build_teacher_contexts(all_prompts, all_keys, scores.tolist(), all_texts, all_feedback, sdpo)
+        start = self.accelerator.process_index * local_n
+        local = contexts.reprompts[start : start + local_n]
+
+        codec = PromptCodec(
+            self._tokenizer,
+            self.chat_template_kwargs,
+            getattr(self, "chat_template", None),
+            getattr(self, "tools", None),
+        )
+        tokenized = [
+            tokenize_reprompt(r, codec, max_len=sdpo.max_reprompt_len, truncation=sdpo.reprompt_truncation)
+            for r in local
+        ]
+        mask = [float(r.active and not t.overflow) for r, t in zip(local, tokenized)]
+        width = max(len(t.ids) for t in tokenized)
+        pad = self._tokenizer.pad_token_id
+        prompt_ids = torch.full((local_n, width), pad, dtype=torch.long)
+        prompt_mask = torch.zeros((local_n, width), dtype=torch.long)
+        for i, t in enumerate(tokenized):  # left padding, as for the student prompt
+            prompt_ids[i, width - len(t.ids) :] = torch.tensor(t.ids, dtype=torch.long)
+            prompt_mask[i, width - len(t.ids) :] = 1
+        completion_ids, completion_mask = output["completion_ids"], output["completion_mask"]
+        sd_mask = torch.tensor(mask, dtype=torch.float32, device=device)
+
+        # Global counts for loss normalisation over the whole generation batch (gradient-accumulation invariant).
+        loss_mask = completion_mask * sd_mask.unsqueeze(1)
+        if "tool_mask" in output:
+            loss_mask = loss_mask * output["tool_mask"]
+        counts = torch.stack(
+            [
+                loss_mask.sum(),
+                (loss_mask.sum(1) > 0).float().sum(),
+                torch.tensor(float(local_n), device=device),
+                sd_mask.sum(),
+            ]
+        ).float()
+        counts = self.accelerator.reduce(counts, reduction="sum")
+
+        stats = torch.tensor(
+            [
+                sum(t.truncated for t in tokenized),
+                sum(t.overflow for t in tokenized),
+                float(sum(len(t.ids) for t in tokenized)),
+            ],
+            device=device,
+        )
+        stats = self.accelerator.reduce(stats, reduction="sum")
+        n_global = len(all_prompts)
+        metrics = dict(contexts.metrics)
+        metrics["self_distillation/reprompt_sample_fraction"] = float(counts[3]) / max(
+            n_global, 1
+        )  # after overflow masking
+        metrics["self_distillation/reprompt_truncated_count"] = float(stats[0])
+        metrics["self_distillation/reprompt_overflow_count"] = float(stats[1])
+        metrics["self_distillation/teacher_prompt_length_mean"] = float(stats[2]) / max(n_global, 1)
+        for key, value in metrics.items():
+            self._metrics[mode][key].append(value)
+        if counts[0] == 0:
+            self._warn_once(
+                "no_signal",
+                "SDPO: no sample in this generation batch has a demonstration (no group reached "
+                f"success_reward_threshold={sdpo.success_reward_threshold}) or usable feedback, so the SDPO loss is 0 "
+                "for it. Lower the threshold, return feedback from a reward function, or raise grpo_weight.",
+            )
+        if stats[1] > 0:
+            self._warn_once(
+                "overflow",
+                f"SDPO: {int(stats[1])} teacher prompt(s) did not fit max_reprompt_len={sdpo.max_reprompt_len} even "
+                "with the demonstration/feedback trimmed; they are masked out of the loss. Raise max_reprompt_len.",
+            )
+        return {
+            "teacher_input_ids": torch.cat([prompt_ids.to(device), completion_ids], dim=1),
+            "teacher_attention_mask": torch.cat([prompt_mask.to(device), completion_mask.long()], dim=1),
+            "self_distillation_mask": sd_mask,
+            # 0-dim tensors: TRL's shuffle/split copies them whole into every micro-batch.
+            "sdpo_num_tokens": counts[0],
+            "sdpo_num_active_seqs": counts[1],
+            "sdpo_num_seqs": counts[2],
+        }
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, stacklevel=3)
+
+    # ------------------------------------------------------------------------------------ loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not self.sdpo_config.enabled:
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+        if return_outputs:
+            raise ValueError("SDPOTrainer does not support returning outputs.")
+        sdpo = self.sdpo_config
+        mode = "train" if self.model.training else "eval"
+        mask = inputs["completion_mask"].float()
+        if "tool_mask" in inputs:
+            mask = mask * inputs["tool_mask"]
+        sd_mask = inputs["self_distillation_mask"].float()
+        loss_mask = mask * sd_mask.unsqueeze(1)
+        score_mask = (mask if sdpo.grpo_weight > 0 else loss_mask) > 0
+
+        teacher = self._teacher_states(model, inputs, score_mask)
+        out = self._student_head(model, inputs, score_mask, teacher)
+        div, logp_s, logp_t = out["divergence"], out["student_logprob"], out["teacher_logprob"]
+
+        per_token = div if sdpo.full_logit_distillation else token_level_surrogate(logp_s, logp_t)
+        old = inputs.get("old_per_token_logps")
+        old = logp_s.detach() if old is None else old
+        ratio = None
+        if sdpo.is_clip is not None:
+            ratio = importance_ratio(logp_s, old, sdpo.is_clip)
+            per_token = per_token * ratio
+        if "importance_sampling_ratio" in inputs:  # vLLM sampler correction (the reference's rollout IS weights)
+            per_token = per_token * inputs["importance_sampling_ratio"]
+        denominator = self._denominator(inputs, mode)
+        sdpo_loss = agg_loss(
+            per_token, loss_mask, sdpo.loss_agg_mode, denominator=denominator, response_width=self.max_completion_length
+        )
+        loss = sdpo_loss
+        if sdpo.grpo_weight > 0:
+            grpo_loss = self._grpo_loss(logp_s, inputs, mask, mode)
+            loss = (1.0 - sdpo.grpo_weight) * sdpo_loss + sdpo.grpo_weight * grpo_loss
+            self._metrics[mode]["sdpo/grpo_loss"].append(
+                self.accelerator.reduce(grpo_loss.detach(), reduction="mean").item()
+            )
+        self._log_loss_metrics(mode, per_token, div, logp_s, logp_t, loss_mask, ratio)
+        return loss
+
+    def _denominator(self, inputs, mode: str) -> torch.Tensor:
+        """The optimizer-step-wide count behind the aggregation, as TRL's `dapo` normaliser does for GRPO.
+
+        Summing this micro-batch's loss over the accumulation window and averaging over processes (DDP)
+        then gives the aggregation of the whole optimizer step, whatever the micro-batch size.
+        """
+        key = {
+            "token-mean": "sdpo_num_tokens",
+            "seq-mean-token-sum": "sdpo_num_active_seqs",
+            "seq-mean-token-mean": "sdpo_num_active_seqs",
+            "seq-mean-token-sum-norm": "sdpo_num_seqs",
+        }[self.sdpo_config.loss_agg_mode]
+        mode_count = inputs[key]
+        normaliser = mode_count.clamp(min=1.0) / self.accelerator.num_processes
+        if mode == "train":
+            normaliser = normaliser * self._accumulation_steps() / self.args.steps_per_generation
+        return normaliser
+
+    def _accumulation_steps(self) -> int:
+        # Set by the training loop (the last window of an epoch can be shorter); outside it, the configured value.
+        return getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+
+    def _teacher_states(self, model, inputs, score_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Teacher hidden states at the scored completion positions (N, H_T) and the teacher lm_head weight."""
+        sdpo = self.sdpo_config
+        t_ids, t_mask = inputs["teacher_input_ids"], inputs["teacher_attention_mask"]
+        n_rows, length = score_mask.shape
+        rows = (inputs["self_distillation_mask"] > 0) & score_mask.any(dim=1)
+        row_idx = rows.nonzero().squeeze(1)
+        if row_idx.numel() == 0:
+            return None
+        chunk = sdpo.teacher_micro_batch_size or row_idx.numel()
+        teacher_parts, live_parts = [], []
+        with torch.no_grad():
+            for start in range(0, row_idx.numel(), chunk):
+                idx = row_idx[start : start + chunk]
+                ids, att = t_ids[idx], t_mask[idx]
+                first = int(att.any(dim=0).nonzero()[0]) if att.any() else 0
+                ids, att = ids[:, first:], att[:, first:]  # drop columns that are left padding in every row
+                kwargs = dict(input_ids=ids, attention_mask=att, position_ids=(att.cumsum(dim=1) - 1).clamp(min=0))
+                with self.accelerator.autocast():
+                    teacher_parts.append(self._teacher_forward(model, kwargs, length))
+                    if sdpo.teacher_regularization == "trust-region":  # the live student on the teacher prompt
+                        live_parts.append(model(**kwargs, sdpo=SDPORequest(length)))
+        hidden_rows, weight = torch.cat(teacher_parts), self._teacher_weight(model)
+        if live_parts:
+            live_weight = _full_weight(self.accelerator.unwrap_model(model).get_output_embeddings().weight).detach()
+            hidden_rows, weight = trust_region_head_inputs(
+                hidden_rows, torch.cat(live_parts), weight, live_weight, sdpo.teacher_update_rate
+            )
+        full = hidden_rows.new_zeros(n_rows, length, hidden_rows.shape[-1])
+        full[row_idx] = hidden_rows
+        return full[score_mask], weight
+
+    def _teacher_forward(self, model, kwargs: dict[str, torch.Tensor], length: int) -> torch.Tensor:
+        """Hidden states of the (EMA or frozen-initial) teacher on the teacher prompt + completion."""
+        if self._teacher_kind == "adapter":
+            with active_adapter(self.accelerator.unwrap_model(model), TEACHER_ADAPTER):
+                return model(**kwargs, sdpo=SDPORequest(length))
+        return self.ref_model(**kwargs, sdpo=SDPORequest(length))
+
+    def _teacher_weight(self, model) -> torch.Tensor:
+        source = model if self._teacher_kind == "adapter" else self.ref_model
+        unwrapped = self.accelerator.unwrap_model(source)
+        return _full_weight(unwrapped.get_output_embeddings().weight).detach()
+
+    def _student_head(self, model, inputs, score_mask, teacher) -> dict[str, torch.Tensor]:
+        """One student forward; the fused head runs inside it on the scored positions."""
+        sdpo = self.sdpo_config
+        completion_ids = inputs["completion_ids"]
+        targets = completion_ids[score_mask]
+        temperature = self.temperature / self._logit_scale
+
+        def head(hidden: torch.Tensor, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+            h = hidden[score_mask]
+            if h.dtype != weight.dtype:
+                h = h.to(weight.dtype)
+            if teacher is None:  # no teacher row in this micro-batch: the student's own states stand in (masked out)
+                t_h, t_w = h.detach(), weight.detach()
+            else:
+                t_h, t_w = teacher
+                t_h = t_h.to(t_w.dtype)
+            topk = sdpo.distillation_topk if sdpo.full_logit_distillation else 1
+            result = sdpo_head(
+                h,
+                weight,
+                t_h,
+                t_w,
+                targets,
+                topk=topk,
+                add_tail=sdpo.distillation_add_tail,
+                alpha=sdpo.distillation_alpha,
+                temperature=temperature,
+                backend=self.sdpo_backend,
+                memory_budget_mb=sdpo.distillation_memory_budget_mb,
+            )
+            outputs = {}
+            for name, values in zip(("divergence", "student_logprob", "teacher_logprob"), result):
+                outputs[name] = values.new_zeros(score_mask.shape).masked_scatter(score_mask, values)
+            if targets.numel() == 0:  # keep every parameter in the graph: DDP expects all gradients
+                outputs["divergence"] = outputs["divergence"] + 0.0 * (hidden.sum() + weight.sum())
+            return outputs
+
+        input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        with self.accelerator.autocast():
+            return model(
+                input_ids=input_ids, attention_mask=attention_mask, sdpo=SDPORequest(completion_ids.shape[1], head)
+            )
+
+    def _grpo_loss(self, logp: torch.Tensor, inputs, mask: torch.Tensor, mode: str) -> torch.Tensor:
+        """GRPO's clipped surrogate from the same student log-probs (loss types grpo/bnpo/dr_grpo/dapo)."""
+        advantages = inputs["advantages"]
+        advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+        old = inputs.get("old_per_token_logps")
+        old = logp.detach() if old is None else old
+        log_ratio = logp - old
+        if self.importance_sampling_level == "sequence":
+            log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+        coef_1 = torch.exp(log_ratio)
+        coef_2 = torch.clamp(coef_1, 1 - self.epsilon_low, 1 + self.epsilon_high)
+        if self.args.delta is not None:
+            coef_1 = torch.clamp(coef_1, max=self.args.delta)
+        per_token = -torch.min(coef_1 * advantages, coef_2 * advantages)
+        if "importance_sampling_ratio" in inputs:
+            per_token = per_token * inputs["importance_sampling_ratio"]
+        accumulation = self._accumulation_steps() if mode == "train" else 1.0
+        if self.loss_type == "grpo":
+            return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean() / accumulation
+        if self.loss_type == "bnpo":
+            return (per_token * mask).sum() / mask.sum().clamp(min=1.0) / accumulation
+        if self.loss_type == "dr_grpo":
+            return (per_token * mask).sum() / (per_token.size(0) * self.max_completion_length) / accumulation
+        normaliser = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+        if mode == "train":
+            normaliser = normaliser * self._accumulation_steps() / self.args.steps_per_generation
+        return (per_token * mask).sum() / normaliser
+
+    # ------------------------------------------------------------------------------------ logging
+
+    def _global_mean(self, values: torch.Tensor, mask: torch.Tensor) -> float:
+        mask = mask.to(values.dtype)
+        totals = torch.stack([(torch.where(mask > 0, values, torch.zeros_like(values)) * mask).sum(), mask.sum()])
+        totals = self.accelerator.reduce(totals.detach().float(), reduction="sum")
+        return float(totals[0] / totals[1]) if totals[1] > 0 else math.nan
+
+    def _log_loss_metrics(self, mode, per_token, div, logp_s, logp_t, loss_mask, ratio) -> None:
+        m = self._metrics[mode]
+        m["sdpo/loss"].append(self._global_mean(per_token.detach(), loss_mask))
+        m["sdpo/divergence"].append(self._global_mean(div.detach(), loss_mask))
+        m["sdpo/kl_student_teacher"].append(self._global_mean((logp_s - logp_t).detach(), loss_mask))
+        empty = self.accelerator.reduce(loss_mask.sum().detach().view(1), reduction="sum")
+        m["self_distillation/empty_target_batch"].append(float(empty.item() == 0))
+        if ratio is not None:
+            m["sdpo/is_ratio_mean"].append(self._global_mean(ratio, loss_mask))
+            m["sdpo/is_clip_fraction"].append(self._global_mean((ratio >= self.sdpo_config.is_clip).float(), loss_mask))
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.sdpo_config.enabled and not self._backend_logged and self.model.training:
+            logs["sdpo/backend"] = self.sdpo_backend  # a string: logged once, so loggers warn at most once
+            self._backend_logged = True
+        super().log(logs, start_time)
+
+    # ------------------------------------------------------------------------------------ checkpoints
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if not self.sdpo_config.enabled:
+            return
+        output_dir = os.path.join(
+            self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        )
+        state = self._teacher_state_dict()
+        if self.args.should_save:
+            os.makedirs(output_dir, exist_ok=True)
+            torch.save({"kind": self._teacher_kind, "state": state}, os.path.join(output_dir, TEACHER_CHECKPOINT_FILE))
+
+    def _teacher_state_dict(self) -> dict[str, torch.Tensor]:
+        if self._teacher_kind == "adapter":
+            pairs = adapter_pairs(self.accelerator.unwrap_model(self.model))
+            return {n: t.detach().cpu().clone() for n, (t, _) in pairs.items()}
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            return self.accelerator.get_state_dict(self.ref_model)
+        return {k: v.detach().cpu().clone() for k, v in self._unwrap_teacher().state_dict().items()}
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None or not self.sdpo_config.enabled:
+            return
+        path = os.path.join(checkpoint, TEACHER_CHECKPOINT_FILE)
+        if not os.path.exists(path):
+            logger.warning(
+                "SDPO: %s has no %s; the teacher restarts from the restored student weights.",
+                checkpoint,
+                TEACHER_CHECKPOINT_FILE,
+            )
+            return
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if saved["kind"] != self._teacher_kind:
+            raise ValueError(
+                f"The checkpoint's teacher is of kind {saved['kind']!r} but this run's is {self._teacher_kind!r}; "
+                "resume with the same PEFT/teacher_regularization settings."
+            )
+        with torch.no_grad():
+            if self._teacher_kind == "adapter":
+                pairs = adapter_pairs(self.accelerator.unwrap_model(self.model))
+                for name, value in saved["state"].items():
+                    pairs[name][0].copy_(value)
+            elif self.is_fsdp_enabled:
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+                set_model_state_dict(self.ref_model, saved["state"], options=StateDictOptions(full_state_dict=True))
+            else:
+                self._unwrap_teacher().load_state_dict(saved["state"])
+
+
+def _check_dataset(train_dataset, processing_class) -> None:
+    """Fail early, with the fix, on data that would only break mid-training."""
+    if train_dataset is None or isinstance(train_dataset, IterableDataset) or len(train_dataset) == 0:
+        return
+    row = train_dataset[0]
+    prompt = row.get("prompt")
+    if isinstance(prompt, list):
+        question_text(prompt)  # the last turn must be a user turn
+        tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        if tokenizer is not None and getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError(
+                "The dataset has conversational prompts but the tokenizer has no chat template. Set "
+                "`tokenizer.chat_template`, or use plain-text prompts."
+            )
+
+
+class SDPOTrainer(_SDPOTrainerMixin, GRPOTrainer):
+    """A drop-in `GRPOTrainer` that trains with SDPO.
+
+    `SDPOTrainer(model, reward_funcs, args=GRPOConfig(...), sdpo_config=SDPOConfig(...), train_dataset=...)`.
+    Everything a `GRPOTrainer` accepts keeps working; reward functions may also return
+    `[{"score": float, "feedback": str}, …]`.
+    """

@@ -48,6 +48,7 @@ from .teacher import (
     ema_update,
     trust_region_head_inputs,
 )
+from .unsloth import current_grpo_trainer, rebased_trainer_class
 
 logger = logging.getLogger(__name__)
 
@@ -707,10 +708,27 @@ def _check_dataset(train_dataset, processing_class) -> None:
             )
 
 
-class SDPOTrainer(_SDPOTrainerMixin, GRPOTrainer):
+class _SDPOTrainerMeta(type):
+    """Builds each `SDPOTrainer` on the `GRPOTrainer` that is current at construction time (Unsloth-safe)."""
+
+    def __call__(cls, *args, **kwargs):
+        base = current_grpo_trainer()
+        if not issubclass(cls, base):
+            cls = rebased_trainer_class(cls, _SDPOTrainerMixin, base)
+        return type.__call__(cls, *args, **kwargs)
+
+    def __instancecheck__(cls, obj) -> bool:
+        return type.__instancecheck__(cls, obj) or getattr(type(obj), "_sdpo_rebased_from", None) is cls
+
+    def __subclasscheck__(cls, sub) -> bool:
+        return type.__subclasscheck__(cls, sub) or getattr(sub, "_sdpo_rebased_from", None) is cls
+
+
+class SDPOTrainer(_SDPOTrainerMixin, GRPOTrainer, metaclass=_SDPOTrainerMeta):
     """A drop-in `GRPOTrainer` that trains with SDPO.
 
     `SDPOTrainer(model, reward_funcs, args=GRPOConfig(...), sdpo_config=SDPOConfig(...), train_dataset=...)`.
     Everything a `GRPOTrainer` accepts keeps working; reward functions may also return
-    `[{"score": float, "feedback": str}, …]`.
+    `[{"score": float, "feedback": str}, …]`. If Unsloth patched TRL after this module was imported,
+    the instance is built on Unsloth's patched trainer anyway (see `sdpo_fast.unsloth`).
     """

@@ -190,9 +190,11 @@ class SDPOHeadFunction(torch.autograd.Function):
             grad_sum = full_divergence_grad_sum(div, partial, opts.alpha)
             ctx.save_for_backward(h_s, w_s, h_t, w_t, targets, student.lse, teacher.lse, grad_sum)
         else:
-            s_top = student.top_logits - student.lse.unsqueeze(1)
-            t_top = teacher.top_logits - teacher.lse.unsqueeze(1)
+            # float64 from here on: 1 − (top-K mass) cancels badly when the top-K holds almost everything
+            s_top = student.top_logits.double() - student.lse.double().unsqueeze(1)
+            t_top = teacher.top_logits.double() - teacher.lse.double().unsqueeze(1)
             div, bucket_grad = bucket_divergence_and_grad(s_top, t_top, opts)
+            div, bucket_grad = div.to(student.lse.dtype), bucket_grad.to(student.lse.dtype)
             ctx.save_for_backward(h_s, w_s, targets, student.lse, student.top_idx, bucket_grad)
         ctx.ops, ctx.opts = ops, opts
         ctx.mark_non_differentiable(logp_t)

@@ -105,6 +105,21 @@ def add_sdpo_forward(model) -> None:
     model._sdpo_forward_patched = True
 
 
+def _reshard_fsdp2(module) -> None:
+    """Put FSDP2's shards back after a no-grad forward.
+
+    With `reshard_after_forward=False` (SHARD_GRAD_OP, and torch's default for a root module) a
+    forward leaves the all-gathered full weights registered until a backward reshards them. The
+    teacher never runs a backward, so it would keep a full copy in memory on every rank, and the
+    shard-wise EMA could not pair its full tensors with the student's shards.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def _check_head_compatible(model, topk: int | None) -> None:
     config = model.config.get_text_config()
     if getattr(config, "final_logit_softcapping", None):
@@ -293,6 +308,9 @@ class _SDPOTrainerMixin:
             pairs = adapter_pairs(self.accelerator.unwrap_model(self.model))
             ema_update({n: t for n, (t, _) in pairs.items()}, {n: s for n, (_, s) in pairs.items()}, rate)
         else:
+            if self.is_fsdp_enabled:
+                _reshard_fsdp2(self.ref_model)
+                _reshard_fsdp2(self.model)
             ema_update(self._unwrap_teacher(), self._student_for_ema(), rate)
 
     def _student_for_ema(self):
@@ -521,6 +539,8 @@ class _SDPOTrainerMixin:
                     if sdpo.teacher_regularization == "trust-region":  # the live student on the teacher prompt
                         live_parts.append(model(**kwargs, sdpo=SDPORequest(length)))
         hidden_rows, weight = torch.cat(teacher_parts), self._teacher_weight(model)
+        if self.is_fsdp_enabled and self.ref_model is not None:
+            _reshard_fsdp2(self.ref_model)  # the weight above is a gathered copy; free the teacher's full params
         if live_parts:
             live_weight = _full_weight(self.accelerator.unwrap_model(model).get_output_embeddings().weight).detach()
             hidden_rows, weight = trust_region_head_inputs(
@@ -539,8 +559,11 @@ class _SDPOTrainerMixin:
 
     def _teacher_weight(self, model) -> torch.Tensor:
         source = model if self._teacher_kind == "adapter" else self.ref_model
-        unwrapped = self.accelerator.unwrap_model(source)
-        return _full_weight(unwrapped.get_output_embeddings().weight).detach()
+        weight = self.accelerator.unwrap_model(source).get_output_embeddings().weight
+        full = _full_weight(weight).detach()
+        if self.is_fsdp_enabled and source is self.ref_model and not hasattr(weight, "full_tensor"):
+            full = full.clone()  # FSDP2 left it gathered; the teacher is resharded right after, freeing it
+        return full
 
     def _student_head(self, model, inputs, score_mask, teacher) -> dict[str, torch.Tensor]:
         """One student forward; the fused head runs inside it on the scored positions."""

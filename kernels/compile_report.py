@@ -1,0 +1,280 @@
+"""Ahead-of-time compilation of every SDPO kernel and autotune configuration for real GPU architectures.
+
+No GPU is needed: `triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))` runs the whole
+pipeline down to a cubin with the `ptxas` shipped in the triton wheel, and `cuobjdump` (also in the
+wheel) reports registers, spill stack and shared memory. Must run with TRITON_INTERPRET unset.
+
+    python -m sdpo_fast.kernels.compile_report [--arch 75 80 86 89 90] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+
+# Opt-in shared memory per block (bytes), from the CUDA programming guide.
+MAX_SHARED = {75: 65536, 80: 166912, 86: 101376, 89: 101376, 90: 232448}
+ARCHS = tuple(MAX_SHARED)
+
+
+@dataclass
+class CompileResult:
+    kernel: str
+    arch: int
+    dtype: str
+    config: str
+    variant: str
+    shared: int
+    max_shared: int
+    registers: int | None
+    spill_bytes: int | None
+    error: str | None = None
+
+    @property
+    def fits(self) -> bool:
+        return self.error is None and self.shared <= self.max_shared
+
+
+def _signature(kernel: str, dtype: str, variant: dict) -> tuple[dict, dict]:
+    """Triton signature and constexprs for one specialisation, as the launchers use it."""
+    d = f"*{dtype}"
+    i32, f32 = "i32", "fp32"
+    if kernel == "stats":
+        sig = dict(
+            h_ptr=d,
+            w_ptr=d,
+            y_ptr="*i64",
+            max_ptr="*fp32",
+            sum_ptr="*fp32",
+            target_ptr="*fp32",
+            keys_ptr="*i64",
+            n_rows=i32,
+            vocab=i32,
+            hidden=i32,
+            cols_per_split=i32,
+            n_splits=i32,
+            stride_hn=i32,
+            stride_hk=i32,
+            stride_wv=i32,
+            stride_wk=i32,
+            inv_temp=f32,
+            n_bucket=i32,
+        )
+        const = dict(KP=variant["KP"], DO_TOPK=variant["DO_TOPK"], PRECISION="tf32")
+    elif kernel == "gather":
+        sig = dict(
+            h_ptr=d,
+            w_ptr=d,
+            idx_ptr="*i64",
+            out_ptr="*fp32",
+            hidden=i32,
+            k=i32,
+            stride_hn=i32,
+            stride_hk=i32,
+            stride_wv=i32,
+            stride_wk=i32,
+            inv_temp=f32,
+        )
+        const = {}
+    elif kernel == "full":
+        sig = dict(
+            hs_ptr=d,
+            ws_ptr=d,
+            ht_ptr=d,
+            wt_ptr=d,
+            lse_s_ptr="*fp32",
+            lse_t_ptr="*fp32",
+            div_ptr="*fp32",
+            part_ptr="*fp32",
+            n_rows=i32,
+            vocab=i32,
+            hidden_s=i32,
+            hidden_t=i32,
+            cols_per_split=i32,
+            n_splits=i32,
+            stride_hsn=i32,
+            stride_hsk=i32,
+            stride_wsv=i32,
+            stride_wsk=i32,
+            stride_htn=i32,
+            stride_htk=i32,
+            stride_wtv=i32,
+            stride_wtk=i32,
+            inv_temp=f32,
+            alpha=f32,
+            log_one_minus_alpha=f32,
+            log_alpha=f32,
+            n_bucket=i32,
+        )
+        const = dict(ALPHA_MODE=variant["ALPHA_MODE"], PRECISION="tf32")
+    elif kernel == "grad":
+        sig = dict(
+            hs_ptr=d,
+            ws_ptr=d,
+            lse_s_ptr="*fp32",
+            coef_ptr="*fp32",
+            out_ptr=d,
+            ht_ptr=d,
+            wt_ptr=d,
+            lse_t_ptr="*fp32",
+            gdiv_ptr="*fp32",
+            n_rows=i32,
+            v0=i32,
+            chunk_cols=i32,
+            vocab=i32,
+            hidden_s=i32,
+            hidden_t=i32,
+            stride_hsn=i32,
+            stride_hsk=i32,
+            stride_wsv=i32,
+            stride_wsk=i32,
+            stride_htn=i32,
+            stride_htk=i32,
+            stride_wtv=i32,
+            stride_wtk=i32,
+            stride_on=i32,
+            inv_temp=f32,
+            alpha=f32,
+            log_one_minus_alpha=f32,
+            log_alpha=f32,
+            n_bucket=i32,
+        )
+        const = dict(FULL=variant["FULL"], ALPHA_MODE=variant["ALPHA_MODE"], PRECISION="tf32")
+    else:
+        raise KeyError(kernel)
+    for name in const:
+        sig[name] = "constexpr"
+    return sig, const
+
+
+# The constexpr specialisations worth proving: the student's top-K (K=100 → KP=128, and the K ≤ 256
+# maximum), the teacher's plain logsumexp, each α branch of the full-vocabulary pass and gradient.
+VARIANTS = {
+    "stats": [
+        dict(KP=128, DO_TOPK=True),
+        dict(KP=256, DO_TOPK=True),
+        dict(KP=1, DO_TOPK=False),
+    ],  # KP=256 only where BLOCK_V ≥ 256
+    "gather": [{}],
+    "full": [dict(ALPHA_MODE=2)],
+    "grad": [dict(FULL=False, ALPHA_MODE=2), dict(FULL=True, ALPHA_MODE=2)],
+}
+
+
+def _resource_usage(cubin: bytes) -> tuple[int | None, int | None]:
+    """(registers per thread, spill stack bytes) from `cuobjdump --dump-resource-usage`."""
+    from triton.backends.nvidia.compiler import knobs
+
+    tool = os.path.join(os.path.dirname(knobs.nvidia.ptxas.path), "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True).stdout
+    reg = re.search(r"REG:(\d+)", out)
+    stack = re.search(r"STACK:(\d+)", out)
+    return (int(reg.group(1)) if reg else None), (int(stack.group(1)) if stack else None)
+
+
+def compile_one(kernel: str, arch: int, config, variant: dict, dtype: str) -> CompileResult:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from .triton_head import _KERNELS
+
+    fn = _KERNELS[kernel]
+    sig, const = _signature(kernel, dtype, variant)
+    const = {**const, **config.kwargs}
+    for name in config.kwargs:
+        sig[name] = "constexpr"
+    label = (
+        " ".join(f"{k}={v}" for k, v in config.kwargs.items()) + f" warps={config.num_warps} stages={config.num_stages}"
+    )
+    vlabel = ",".join(f"{k}={v}" for k, v in variant.items()) or "-"
+    if kernel == "stats" and config.kwargs["BLOCK_V"] < variant["KP"]:
+        return CompileResult(
+            kernel, arch, dtype, label, vlabel, 0, MAX_SHARED[arch], None, None, "pruned: BLOCK_V < KP"
+        )
+    try:
+        compiled = triton.compile(
+            ASTSource(fn=fn, signature=sig, constexprs=const),
+            target=GPUTarget("cuda", arch, 32),
+            options={"num_warps": config.num_warps, "num_stages": config.num_stages},
+        )
+    except Exception as err:  # report, do not hide: the test asserts there are none
+        return CompileResult(
+            kernel, arch, dtype, label, vlabel, 0, MAX_SHARED[arch], None, None, f"{type(err).__name__}: {err}"[:500]
+        )
+    regs, spill = _resource_usage(compiled.asm["cubin"])
+    return CompileResult(kernel, arch, dtype, label, vlabel, compiled.metadata.shared, MAX_SHARED[arch], regs, spill)
+
+
+def _jobs(archs, kernels) -> list[tuple]:
+    from .triton_head import autotune_space
+
+    jobs = []
+    for arch in archs:
+        dtype = "fp16" if arch < 80 else "bf16"  # Turing (T4) has no bf16
+        for kernel in kernels:
+            for index, config in enumerate(autotune_space(kernel, (arch // 10, arch % 10))):
+                for variant in VARIANTS[kernel]:
+                    if config.kwargs.get("BLOCK_V", 0) < variant.get("KP", 0):
+                        continue  # pruned at run time too: the running top-K needs BLOCK_V ≥ KP
+                    jobs.append((kernel, arch, index, variant, dtype))
+    return jobs
+
+
+def _run_job(job: tuple) -> CompileResult:
+    from .triton_head import autotune_space
+
+    kernel, arch, index, variant, dtype = job
+    return compile_one(kernel, arch, autotune_space(kernel, (arch // 10, arch % 10))[index], variant, dtype)
+
+
+def compile_all(archs=ARCHS, kernels=tuple(VARIANTS), jobs: int = 1) -> list[CompileResult]:
+    """Every kernel × autotune configuration (of that architecture's space) × specialisation."""
+    work = _jobs(archs, kernels)
+    if jobs <= 1:
+        return [_run_job(j) for j in work]
+    from concurrent.futures import ProcessPoolExecutor
+
+    # Heaviest first (the top-K sort networks), so the two workers finish together.
+    work.sort(key=lambda j: (j[0] != "stats", j[1]))
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        return list(pool.map(_run_job, work))
+
+
+def main(argv=None) -> int:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("Unset TRITON_INTERPRET: ahead-of-time compilation needs the real Triton compiler.")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS))
+    parser.add_argument("--kernel", nargs="+", default=list(VARIANTS))
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiler processes")
+    args = parser.parse_args(argv)
+    results = compile_all(args.arch, args.kernel, args.jobs)
+    print(
+        f"{'kernel':7} {'sm':>3} {'dtype':5} {'variant':22} {'config':50} {'shared':>9} {'regs':>5} {'spill':>5}  status"
+    )
+    for r in results:
+        status = (
+            "ok" if r.fits else ("skip" if r.error and r.error.startswith("pruned") else f"FAIL {r.error or 'smem'}")
+        )
+        print(
+            f"{r.kernel:7} {r.arch:>3} {r.dtype:5} {r.variant:22} {r.config:50} {r.shared:>9} {r.registers!s:>5} {r.spill_bytes!s:>5}  {status}"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([asdict(r) for r in results], f, indent=1)
+    return int(any(not r.fits for r in results))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

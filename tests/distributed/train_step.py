@@ -1,0 +1,203 @@
+"""One SDPOTrainer step on two CPU processes (gloo), with one prompt group split across the ranks.
+
+Launched by `tests/test_distributed.py` as
+
+    python -m torch.distributed.run --nproc_per_node 2 ... tests/distributed/train_step.py MODE OUT_DIR
+
+with MODE one of `ddp`, `fsdp2` or `fsdp2-shard-grad-op` (FSDP2 with `reshard_after_forward=False`).
+
+Layout: one prompt, `num_generations=4`, `per_device_train_batch_size=2`, so rank 0 holds generations
+0–1 and rank 1 holds generations 2–3 of the same group. Only rank 1's completions are rewarded, so
+rank 0's samples can only get a demonstration from rank 1. Each rank writes `rank{R}.json` (what the
+trainer built and computed) and `rank{R}.pt` (full parameters before and after the step); the test
+asserts on them.
+
+`fsdp2*` modes: accelerate 1.15 only switches to `DistributedType.FSDP` from a multi-*accelerator*
+distributed type (MULTI_GPU, MULTI_NPU, …; see `AcceleratorState.__init__`). On a CPU-only run it
+stays MULTI_CPU, never sets `fsdp_plugin` and wraps the model in DDP, without an error or warning.
+`_force_fsdp_on_cpu` flips the state to FSDP right after accelerate has built it; nothing else stands
+between FSDP2 and the CPU here (`fully_shard` runs on a gloo CPU mesh).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+def _force_fsdp_on_cpu() -> None:
+    import accelerate.state as state
+    from accelerate.utils import DistributedType
+
+    original = state.AcceleratorState.__init__
+
+    def init(self, *args, fsdp_plugin=None, **kwargs):
+        original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+            state.PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+    state.AcceleratorState.__init__ = init
+
+
+EMA_RATE = 0.25
+MODES = ("ddp", "fsdp2", "fsdp2-shard-grad-op")
+
+
+def rank1_succeeds(completions, **kwargs):
+    """Reward 1 for every completion generated on rank 1, 0 on rank 0 (reward functions see local samples)."""
+    score = 1.0 if int(os.environ["RANK"]) == 1 else 0.0
+    return [score] * len(completions)
+
+
+def full(p: torch.Tensor) -> torch.Tensor:
+    """The whole parameter (a collective for FSDP2 DTensors: every rank calls it in the same order)."""
+    return p.full_tensor() if hasattr(p, "full_tensor") else p
+
+
+def flat(module) -> torch.Tensor:
+    return torch.cat([full(p.detach()).reshape(-1).float().cpu() for p in module.parameters()])
+
+
+def sharding(module) -> dict:
+    params = list(module.parameters())
+    return {
+        "types": sorted({type(p).__name__ for p in params}),
+        "placements": sorted({str(tuple(getattr(p, "placements", ()))) for p in params}),
+        "mesh_sizes": sorted({p.device_mesh.size() for p in params if hasattr(p, "device_mesh")}),
+        "local_numel": sum(getattr(p, "_local_tensor", p).numel() for p in params),
+        "full_numel": sum(p.numel() for p in params),
+    }
+
+
+def main(mode: str, out_dir: Path) -> None:
+    if mode not in MODES:
+        raise SystemExit(f"mode must be one of {MODES}, got {mode!r}")
+    if mode.startswith("fsdp2"):
+        _force_fsdp_on_cpu()
+    from datasets import Dataset
+    from trl import GRPOConfig
+
+    from sdpo_fast import SDPOConfig, SDPOTrainer
+    from sdpo_fast.testing import tiny_qwen2, tiny_tokenizer
+    from sdpo_fast.trainer import TEACHER_CHECKPOINT_FILE
+
+    rank = int(os.environ["RANK"])
+    torch.set_num_threads(1)  # two processes on two cores
+    tok = tiny_tokenizer()
+    model = tiny_qwen2(tok, hidden_size=32, intermediate_size=64, seed=0)  # same seed: identical on both ranks
+    prompt = [{"role": "user", "content": "what is 2 plus 3?"}]
+    dataset = Dataset.from_dict({"prompt": [prompt] * 4, "answer": ["5"] * 4})
+    if mode == "ddp":
+        distributed = {"ddp_backend": "gloo"}
+    else:
+        fsdp_config = {"version": 2, "transformer_layer_cls_to_wrap": ["Qwen2DecoderLayer"]}
+        if mode == "fsdp2-shard-grad-op":  # FSDP2's SHARD_GRAD_OP: parameters stay gathered after forward
+            fsdp_config["reshard_after_forward"] = False
+        distributed = {"fsdp": True, "fsdp_config": fsdp_config}
+    args = GRPOConfig(
+        output_dir=str(out_dir / "run"),
+        per_device_train_batch_size=2,
+        num_generations=4,
+        max_completion_length=8,
+        generation_kwargs={"min_new_tokens": 3},  # a non-empty demonstration to look for
+        max_steps=1,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        learning_rate=1e-2,
+        save_strategy="steps",  # one checkpoint, after the step: it must hold the EMA teacher
+        save_steps=1,
+        seed=0,
+        gradient_checkpointing=False,
+        disable_tqdm=True,
+        **distributed,
+    )
+    sdpo = SDPOConfig(distillation_topk=10, teacher_update_rate=EMA_RATE)
+    trainer = SDPOTrainer(
+        model, rank1_succeeds, args=args, sdpo_config=sdpo, train_dataset=dataset, processing_class=tok
+    )
+
+    generated, losses = [], []
+    generate = trainer._generate_and_score_completions
+
+    def capture_generation(inputs):
+        output = generate(inputs)
+        generated.append({k: v.detach().cpu() for k, v in output.items() if isinstance(v, torch.Tensor)})
+        return output
+
+    compute_loss = trainer.compute_loss
+
+    def capture_loss(*a, **kw):
+        loss = compute_loss(*a, **kw)
+        losses.append(float(loss.detach()))
+        return loss
+
+    trainer._generate_and_score_completions = capture_generation
+    trainer.compute_loss = capture_loss
+
+    student_before = flat(trainer.accelerator.unwrap_model(trainer.model))
+    teacher_before = flat(trainer.ref_model)
+    trainer.train()
+
+    student = trainer.model if trainer.is_fsdp_enabled else trainer.accelerator.unwrap_model(trainer.model)
+    student_after, teacher_after = flat(student), flat(trainer.ref_model)
+    teacher_full = {n: full(p.detach()).float().cpu() for n, p in trainer.ref_model.named_parameters()}
+    checkpoint = None
+    if trainer.args.should_save:
+        saved = torch.load(out_dir / "run" / "checkpoint-1" / TEACHER_CHECKPOINT_FILE, weights_only=True)
+        state = {k: v.float() for k, v in saved["state"].items()}
+        checkpoint = {
+            "kind": saved["kind"],
+            "missing": sorted(teacher_full.keys() - state.keys()),
+            "max_diff": max(float((state[n] - v).abs().max()) for n, v in teacher_full.items() if n in state),
+        }
+    batch = generated[0]
+    t = batch["completion_ids"].shape[1]
+    result = {
+        "rank": rank,
+        "world_size": dist.get_world_size(),
+        "backend": dist.get_backend(),
+        "num_processes": trainer.accelerator.num_processes,
+        "distributed_type": str(trainer.accelerator.distributed_type),
+        "is_fsdp_enabled": bool(trainer.is_fsdp_enabled),
+        "student_wrapper": type(trainer.model_wrapped).__name__,
+        "student_sharding": sharding(student),
+        "teacher_sharding": sharding(trainer.ref_model),
+        "num_generation_batches": len(generated),
+        "completion_ids": batch["completion_ids"].tolist(),
+        "completion_texts": tok.batch_decode(batch["completion_ids"], skip_special_tokens=True),
+        "teacher_input_ids": batch["teacher_input_ids"].tolist(),
+        "teacher_texts": tok.batch_decode(batch["teacher_input_ids"], skip_special_tokens=True),
+        "teacher_tail_is_completion": torch.equal(batch["teacher_input_ids"][:, -t:], batch["completion_ids"]),
+        "self_distillation_mask": batch["self_distillation_mask"].tolist(),
+        "sdpo_num_seqs": float(batch["sdpo_num_seqs"]),
+        "sdpo_num_active_seqs": float(batch["sdpo_num_active_seqs"]),
+        "losses": losses,
+        "ema_fired_at": trainer.ema_callback.fired_at,
+        "ema_rate": EMA_RATE,
+        "global_step": trainer.state.global_step,
+        "checkpoint_teacher": checkpoint,
+    }
+    torch.save(
+        {
+            "student_before": student_before,
+            "student_after": student_after,
+            "teacher_before": teacher_before,
+            "teacher_after": teacher_after,
+        },
+        out_dir / f"rank{rank}.pt",
+    )
+    (out_dir / f"rank{rank}.json").write_text(json.dumps(result))
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], Path(sys.argv[2]))

@@ -9,8 +9,9 @@
 
 The running top-K packs each fp32 logit into an order-preserving int64 key: the float's bits mapped
 to a signed int that sorts like the float, in the high 32 bits, and (2³¹ − 1 − id) in the low 32
-bits, so a tie prefers the lower vocabulary id and every key is unique. A tile whose best key does
-not beat any row's current K-th key is skipped (the common case once the top-K has settled).
+bits, so a tie prefers the lower vocabulary id and every key is unique. A tile only does top-K work
+for keys that beat a row's current K-th key (none, once the top-K has settled): see
+`_insert_candidates`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,31 @@ def _pack_keys(z, cols):
     ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: flip the magnitude bits
     low = (0x7FFFFFFF - cols).to(tl.int64)
     return (ordered.to(tl.int64) << 32) | low[None, :]
+
+
+@triton.jit
+def _insert_candidates(best, keys, col_ok, KP: tl.constexpr):
+    """Merge one tile's keys into each row's running top-KP set, without sorting anything.
+
+    Only keys above the row's current KP-th best (the set's minimum) are candidates; they are
+    inserted largest first, each replacing the minimum, until no candidate beats the new minimum.
+    Once the top-K has settled (a few tiles into the vocabulary for real language models) almost
+    no tile has a candidate, so this costs O(insertions · (BLOCK_V + KP)) per row: negligible next
+    to the tile's matmul, and it compiles to a few hundred instructions instead of a sort network.
+    """
+    slots = tl.arange(0, KP)
+    threshold = tl.min(best, axis=1)
+    cand = tl.where(col_ok[None, :] & (keys > threshold[:, None]), keys, INT64_MIN)
+    top = tl.max(cand, axis=1)
+    while tl.max((top > threshold).to(tl.int32), axis=0) > 0:
+        take = top > threshold
+        # the first slot holding the minimum (the initial sentinels repeat; real keys are unique)
+        slot = tl.min(tl.where(best == threshold[:, None], slots[None, :], KP), axis=1)
+        best = tl.where(take[:, None] & (slots[None, :] == slot[:, None]), top[:, None], best)
+        threshold = tl.min(best, axis=1)
+        cand = tl.where((cand == top[:, None]) | (cand <= threshold[:, None]), INT64_MIN, cand)
+        top = tl.max(cand, axis=1)
+    return best
 
 
 @triton.jit
@@ -105,7 +131,7 @@ def stream_stats_kernel(
     run_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     run_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     target = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    best = tl.full((BLOCK_M, KP), INT64_MIN, dtype=tl.int64)  # sorted ascending: best[:, 0] is the K-th key
+    best = tl.full((BLOCK_M, KP), INT64_MIN, dtype=tl.int64)  # an unordered set of the KP largest keys so far
     for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_ok = cols < v_end
@@ -132,16 +158,7 @@ def stream_stats_kernel(
         run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
         run_max = new_max
         if DO_TOPK:
-            keys = _pack_keys(z, cols)
-            threshold = tl.min(best, axis=1)
-            if tl.max((tl.max(keys, axis=1) > threshold).to(tl.int32), axis=0) > 0:
-                if BLOCK_V == KP:
-                    tile_best = tl.sort(keys, dim=1, descending=True)
-                else:
-                    tile_best = tl.topk(keys, KP, dim=1)  # descending
-                # bitonic split: elementwise max of an ascending and a descending run holds the top KP of
-                # their union and is bitonic, so one merge network re-sorts it.
-                best = tl.bitonic_merge(tl.maximum(best, tile_best), dim=1, descending=False)
+            best = _insert_candidates(best, _pack_keys(z, cols), col_ok, KP)
 
     out = rows * n_splits + pid_s
     tl.store(max_ptr + out, run_max, mask=row_ok)

@@ -26,7 +26,7 @@ from .triton_fwd import full_divergence_kernel, gather_logits_kernel, stream_sta
 
 # Vocabulary slices are whole multiples of every BLOCK_V in the search space.
 SPLIT_QUANTUM = 256
-MAX_KP = 256
+MAX_KP = 256  # the running top-K set lives in registers: (BLOCK_M, KP) int64 per program
 
 
 def interpreting() -> bool:
@@ -49,11 +49,7 @@ def autotune_space(kernel: str, capability: tuple[int, int]) -> list[triton.Conf
     # larger tiles spill on every architecture. Turing (sm_75: 64 KiB shared memory) gets 2 stages.
     stages = 2 if capability < (8, 0) else 3
     if kernel == "stats":
-        return [
-            _cfg(32, 128, 64, 4, 2),
-            _cfg(64, 128, 32, 8, stages),
-            _cfg(32, 256, 32, 8, 2),  # the only one with BLOCK_V ≥ 256, for K in (128, 256]
-        ]
+        return [_cfg(32, 128, 64, 4, 2), _cfg(64, 128, 32, 8, stages), _cfg(32, 256, 32, 8, 2)]
     if kernel == "full":
         return [_cfg(32, 128, 32, 4, 2), _cfg(64, 128, 32, 8, stages)]
     if kernel == "grad":
@@ -88,25 +84,15 @@ _KEYS = {
 }
 
 
-def _block_v_at_least_kp(configs, named_args, **kwargs):
-    kp = kwargs.get("KP", named_args.get("KP", 1))
-    return [c for c in configs if c.kwargs.get("BLOCK_V", kp) >= kp] or configs[-1:]
-
-
 @functools.cache
 def _autotuned(kernel: str, capability: tuple[int, int]):
-    prune = {"early_config_prune": _block_v_at_least_kp} if kernel == "stats" else None
-    return triton.autotune(configs=autotune_space(kernel, capability), key=_KEYS[kernel], prune_configs_by=prune)(
-        _KERNELS[kernel]
-    )
+    return triton.autotune(configs=autotune_space(kernel, capability), key=_KEYS[kernel])(_KERNELS[kernel])
 
 
 def launch(kernel: str, grid, *args, **kwargs) -> None:
     """Run `kernel` autotuned on CUDA, or with the fixed interpreter configuration on the CPU."""
     if interpreting():
         meta = dict(_INTERPRETER[kernel])
-        if kernel == "stats":
-            meta["BLOCK_V"] = max(meta["BLOCK_V"], kwargs["KP"])
         _KERNELS[kernel][grid(meta)](*args, **kwargs, **meta)
         return
     capability = torch.cuda.get_device_capability(args[0].device)

@@ -83,7 +83,7 @@ def test_float64_is_refused_with_the_fix():
         sdpo_head(h_s, w_s, h_t, w_t, y, topk=4, backend="triton")
 
 
-@settings(max_examples=24, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(
     n=st.integers(1, 12),
     h=st.integers(1, 20),

@@ -472,3 +472,104 @@ def test_plain_text_prompts(tmp_path):
     assert "<|im_start|>" not in trainer.processing_class.decode(inputs["teacher_input_ids"][0])  # no chat template
     assert "correctly solve the original question." in text
     trainer.compute_loss(trainer.model, inputs).backward()
+
+
+# ------------------------------------------------------------------ loss variants through the trainer
+
+
+def _loss_and_grad(trainer, inputs):
+    trainer.model.zero_grad()
+    loss = trainer.compute_loss(trainer.model, inputs)
+    loss.backward()
+    grad = torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None])
+    return loss.detach(), grad
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        dict(distillation_topk=None),  # full vocabulary
+        dict(full_logit_distillation=False, distillation_alpha=1.0),  # token-level
+        dict(loss_agg_mode="seq-mean-token-mean"),
+        dict(loss_agg_mode="seq-mean-token-sum"),
+        dict(loss_agg_mode="seq-mean-token-sum-norm"),
+        dict(distillation_add_tail=False, distillation_alpha=0.0),
+    ],
+    ids=[
+        "full-vocab",
+        "token-level",
+        "seq-mean-token-mean",
+        "seq-mean-token-sum",
+        "seq-mean-token-sum-norm",
+        "renorm-fkl",
+    ],
+)
+def test_loss_variants_match_the_reference_function(tmp_path, variant, monkeypatch):
+    """The trainer's loss equals `compute_self_distillation_loss` fed with the head's own log-probs."""
+    from sdpo_fast import compute_self_distillation_loss
+
+    cfg = SDPOConfig(**{"distillation_topk": 10, **variant})
+    trainer = make_trainer(tmp_path, sdpo=cfg)
+    inputs = first_batch(trainer)
+    captured = {}
+    real = trainer_module.sdpo_head
+    monkeypatch.setattr(trainer_module, "sdpo_head", lambda *a, **k: captured.update(a=a, k=k) or real(*a, **k))
+    loss = trainer.compute_loss(trainer.model, inputs)
+    h_s, w_s, h_t, w_t, y = (t.detach().double() if t.is_floating_point() else t for t in captured["a"])
+    # reference inputs from the same hidden states: full log-softmax in float64
+    ls = torch.log_softmax(h_s @ w_s.t() / trainer.temperature, -1)
+    lt = torch.log_softmax(h_t @ w_t.t() / trainer.temperature, -1)
+    mask = inputs["completion_mask"].bool() & (inputs["self_distillation_mask"] > 0).unsqueeze(1)
+
+    def to_bt(x):  # scatter per-token rows back to (B, T, …)
+        out = x.new_zeros(*mask.shape, *x.shape[1:])
+        out[mask] = x
+        return out
+
+    kw = {}
+    if cfg.distillation_topk is not None and cfg.full_logit_distillation:
+        idx = torch.topk(ls, cfg.distillation_topk, -1).indices
+        kw.update(student_topk_log_probs=to_bt(ls.gather(1, idx)), teacher_topk_log_probs=to_bt(lt.gather(1, idx)))
+    elif cfg.full_logit_distillation:
+        kw.update(student_all_log_probs=to_bt(ls), teacher_all_log_probs=to_bt(lt))
+    s_lp, t_lp = to_bt(ls.gather(1, y[:, None])[:, 0]), to_bt(lt.gather(1, y[:, None])[:, 0])
+    expected, _ = compute_self_distillation_loss(
+        s_lp,
+        t_lp,
+        inputs["completion_mask"].double(),
+        old_log_probs=s_lp,
+        self_distillation_mask=inputs["self_distillation_mask"],
+        alpha=cfg.distillation_alpha,
+        add_tail=cfg.distillation_add_tail,
+        full_logit_distillation=cfg.full_logit_distillation,
+        is_clip=cfg.is_clip,
+        loss_agg_mode=cfg.loss_agg_mode,
+        **kw,
+    )
+    if cfg.loss_agg_mode == "seq-mean-token-sum-norm":  # the trainer also divides by the number of sequences
+        expected = (
+            expected * inputs["completion_mask"].shape[1] / trainer.max_completion_length / inputs["sdpo_num_seqs"]
+        )
+    assert loss.item() == pytest.approx(expected.item(), rel=2e-4, abs=1e-7)
+
+
+def test_teacher_micro_batches_do_not_change_the_loss(tmp_path):
+    whole = make_trainer(tmp_path / "a", sdpo=SDPOConfig(distillation_topk=10))
+    chunked = make_trainer(tmp_path / "b", sdpo=SDPOConfig(distillation_topk=10, teacher_micro_batch_size=1))
+    inputs = first_batch(whole)
+    loss_a, grad_a = _loss_and_grad(whole, inputs)
+    loss_b, grad_b = _loss_and_grad(chunked, inputs)
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grad_a, grad_b, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", ["naive", "triton"])
+def test_head_backends_agree_inside_the_trainer(tmp_path, backend):
+    ref = make_trainer(tmp_path / "torch", sdpo=SDPOConfig(distillation_topk=10, distillation_backend="torch"))
+    other = make_trainer(tmp_path / backend, sdpo=SDPOConfig(distillation_topk=10, distillation_backend=backend))
+    assert other.sdpo_backend == backend
+    inputs = first_batch(ref)
+    loss_a, grad_a = _loss_and_grad(ref, inputs)
+    loss_b, grad_b = _loss_and_grad(other, inputs)
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(grad_a, grad_b, rtol=1e-3, atol=1e-6)

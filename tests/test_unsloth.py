@@ -26,7 +26,9 @@ from sdpo_fast import SDPOConfig, SDPOTrainer
 
 def _patched_copy() -> type:
     """An Unsloth-style rewrite: same source, renamed class, plus a marker, in a fresh module."""
-    source = inspect.getsource(grpo_module).replace("class GRPOTrainer(_BaseTrainer):", "class _UnslothGRPOTrainer(_BaseTrainer):")
+    source = inspect.getsource(grpo_module).replace(
+        "class GRPOTrainer(_BaseTrainer):", "class _UnslothGRPOTrainer(_BaseTrainer):"
+    )
     source += textwrap.dedent(
         """
         class UnslothGRPOTrainer(_UnslothGRPOTrainer):
@@ -55,8 +57,12 @@ def unsloth_patched(monkeypatch):
 def test_trainer_is_rebuilt_on_the_patched_class_whatever_the_import_order(tmp_path, unsloth_patched):
     with pytest.warns(UserWarning, match="rebuilt on the patched class"):
         trainer = SDPOTrainer(
-            model(), half_success, args=grpo_args(tmp_path), sdpo_config=SDPOConfig(distillation_topk=10),
-            train_dataset=chat_dataset(), processing_class=tokenizer(),
+            model(),
+            half_success,
+            args=grpo_args(tmp_path),
+            sdpo_config=SDPOConfig(distillation_topk=10),
+            train_dataset=chat_dataset(),
+            processing_class=tokenizer(),
         )
     mro = type(trainer).__mro__
     assert unsloth_patched in mro and grpo_module.__dict__["GRPOTrainer"] is unsloth_patched
@@ -73,16 +79,24 @@ def test_user_subclass_gets_a_warning_with_the_fix(tmp_path, unsloth_patched):
 
     with pytest.warns(UserWarning, match="Import Unsloth before TRL"):
         trainer = MyTrainer(
-            model(), half_success, args=grpo_args(tmp_path), sdpo_config=SDPOConfig(distillation_topk=10),
-            train_dataset=chat_dataset(), processing_class=tokenizer(),
+            model(),
+            half_success,
+            args=grpo_args(tmp_path),
+            sdpo_config=SDPOConfig(distillation_topk=10),
+            train_dataset=chat_dataset(),
+            processing_class=tokenizer(),
         )
     assert isinstance(trainer, MyTrainer)
 
 
 def test_no_patch_no_rebuild(tmp_path, recwarn):
     trainer = SDPOTrainer(
-        model(), half_success, args=grpo_args(tmp_path), sdpo_config=SDPOConfig(distillation_topk=10),
-        train_dataset=chat_dataset(), processing_class=tokenizer(),
+        model(),
+        half_success,
+        args=grpo_args(tmp_path),
+        sdpo_config=SDPOConfig(distillation_topk=10),
+        train_dataset=chat_dataset(),
+        processing_class=tokenizer(),
     )
     assert type(trainer) is SDPOTrainer
     assert not [w for w in recwarn if "rebuilt" in str(w.message)]
@@ -91,8 +105,12 @@ def test_no_patch_no_rebuild(tmp_path, recwarn):
 def test_hidden_states_come_from_the_backbone_not_logits(tmp_path):
     """Unsloth's loss path may put hidden states in `.logits`; the SDPO forward never reads `.logits`."""
     trainer = SDPOTrainer(
-        model(), half_success, args=grpo_args(tmp_path), sdpo_config=SDPOConfig(distillation_topk=10),
-        train_dataset=chat_dataset(), processing_class=tokenizer(),
+        model(),
+        half_success,
+        args=grpo_args(tmp_path),
+        sdpo_config=SDPOConfig(distillation_topk=10),
+        train_dataset=chat_dataset(),
+        processing_class=tokenizer(),
     )
     inputs = first_batch(trainer)
     base_forward = type(trainer.model).forward

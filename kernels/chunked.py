@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from .function import GradSpec, HeadOptions, Stats, accumulation_dtype, plan_tiles
+from .function import GradSpec, HeadOptions, Stats, TileOps, accumulation_dtype, plan_tiles
 
 # Scratch per tile element: the fp32 logits tile itself, reused in place, plus `torch.topk` scratch.
 TILE_BYTES_PER_ELEMENT = 8
@@ -43,7 +43,7 @@ def _tile(scratch: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return scratch[: rows * cols].view(rows, cols)
 
 
-class TorchTiles:
+class TorchTiles(TileOps):
     """Tile operations for `SDPOHeadFunction` in plain PyTorch (any device)."""
 
     name = "torch"
@@ -85,15 +85,6 @@ class TorchTiles:
             if topk:
                 top_vals[rows], top_idx[rows] = best_vals, best_idx
         return Stats(lse, target_logit, top_vals if topk else None, top_idx if topk else None)
-
-    def student_stats(self, h, weight, targets, opts: HeadOptions) -> Stats:
-        return self._stream(h, weight, targets, opts, opts.topk)
-
-    def teacher_stats(self, h, weight, targets, opts: HeadOptions, top_idx) -> Stats:
-        stats = self._stream(h, weight, targets, opts, None)
-        if top_idx is None:
-            return stats
-        return stats._replace(top_logits=self.gather(h, weight, top_idx, opts))
 
     def gather(self, h, weight, idx, opts: HeadOptions) -> torch.Tensor:
         """Logits at given vocabulary ids: (N, K) dot products, in row chunks of bounded size."""

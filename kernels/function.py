@@ -17,7 +17,7 @@ gradient with K scattered entries, so no (N, V) buffer is ever needed.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import NamedTuple
 
 import torch
 
@@ -59,19 +59,37 @@ class GradSpec:
     alpha: float = 0.5
 
 
-class TileOps(Protocol):
+class TileOps:
+    """What a backend implements: streaming passes over the vocabulary and one dense gradient tile.
+
+    `student_stats` / `teacher_stats` are shared; a backend provides `_stream` (LSE, target logit and,
+    when `topk` is set, the running top-K), `gather`, `full_divergence` and `dense_grad`.
+    """
+
     name: str
     tile_bytes_per_element: int
 
-    def student_stats(self, h, weight, targets, opts: HeadOptions) -> Stats: ...
+    def student_stats(self, h, weight, targets, opts: HeadOptions) -> Stats:
+        return self._stream(h, weight, targets, opts, opts.topk)
 
-    def teacher_stats(self, h, weight, targets, opts: HeadOptions, top_idx) -> Stats: ...
+    def teacher_stats(self, h, weight, targets, opts: HeadOptions, top_idx) -> Stats:
+        """The teacher's LSE and target logit, plus its logits at the *student's* top-K ids."""
+        stats = self._stream(h, weight, targets, opts, None)
+        if top_idx is None:
+            return stats
+        return stats._replace(top_logits=self.gather(h, weight, top_idx, opts))
 
-    def full_divergence(
-        self, h_s, w_s, h_t, w_t, lse_s, lse_t, opts: HeadOptions
-    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def _stream(self, h, weight, targets, opts: HeadOptions, topk: int | None) -> Stats:
+        raise NotImplementedError
 
-    def dense_grad(self, spec: GradSpec, rows: slice, v0: int, v1: int, out: torch.Tensor) -> None: ...
+    def gather(self, h, weight, idx, opts: HeadOptions) -> torch.Tensor:
+        raise NotImplementedError
+
+    def full_divergence(self, h_s, w_s, h_t, w_t, lse_s, lse_t, opts: HeadOptions) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def dense_grad(self, spec: GradSpec, rows: slice, v0: int, v1: int, out: torch.Tensor) -> None:
+        raise NotImplementedError
 
 
 def bucket_divergence_and_grad(

@@ -17,41 +17,11 @@ from .triton_fwd import _logit_tile
 
 @triton.jit
 def dense_grad_kernel(
-    hs_ptr,
-    ws_ptr,
-    lse_s_ptr,
-    coef_ptr,
-    out_ptr,
-    ht_ptr,
-    wt_ptr,
-    lse_t_ptr,
-    gdiv_ptr,
-    n_rows,
-    v0,
-    chunk_cols,
-    vocab,
-    hidden_s,
-    hidden_t,
-    stride_hsn,
-    stride_hsk,
-    stride_wsv,
-    stride_wsk,
-    stride_htn,
-    stride_htk,
-    stride_wtv,
-    stride_wtk,
-    stride_on,
-    inv_temp,
-    alpha,
-    log_one_minus_alpha,
-    log_alpha,
-    n_bucket,
-    FULL: tl.constexpr,
-    ALPHA_MODE: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_H: tl.constexpr,
+    hs_ptr, ws_ptr, lse_s_ptr, coef_ptr, out_ptr, ht_ptr, wt_ptr, lse_t_ptr, gdiv_ptr, n_rows, v0, chunk_cols, vocab,
+    hidden_s, hidden_t, stride_hsn, stride_hsk, stride_wsv, stride_wsk, stride_htn, stride_htk, stride_wtv,
+    stride_wtk, stride_on, inv_temp, alpha, log_one_minus_alpha, log_alpha, n_bucket, FULL: tl.constexpr,
+    ALPHA_MODE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr
 ):
     pid_m = tl.program_id(0)
     pid_v = tl.program_id(1)
@@ -61,42 +31,16 @@ def dense_grad_kernel(
     cols = v0 + local
     col_ok = (local < chunk_cols) & (cols < vocab)
     zs = _logit_tile(
-        hs_ptr,
-        ws_ptr,
-        rows,
-        cols,
-        row_ok,
-        col_ok,
-        hidden_s,
-        stride_hsn,
-        stride_hsk,
-        stride_wsv,
-        stride_wsk,
-        BLOCK_M,
-        BLOCK_V,
-        BLOCK_H,
-        PRECISION,
+        hs_ptr, ws_ptr, rows, cols, row_ok, col_ok, hidden_s, stride_hsn, stride_hsk, stride_wsv, stride_wsk,
+        BLOCK_M, BLOCK_V, BLOCK_H, PRECISION
     )
     ls = zs * inv_temp - tl.load(lse_s_ptr + rows, mask=row_ok, other=0.0)[:, None]
     p_s = tl.exp(ls)
     grad = -tl.load(coef_ptr + rows, mask=row_ok, other=0.0)[:, None] * p_s
     if FULL:
         zt = _logit_tile(
-            ht_ptr,
-            wt_ptr,
-            rows,
-            cols,
-            row_ok,
-            col_ok,
-            hidden_t,
-            stride_htn,
-            stride_htk,
-            stride_wtv,
-            stride_wtk,
-            BLOCK_M,
-            BLOCK_V,
-            BLOCK_H,
-            PRECISION,
+            ht_ptr, wt_ptr, rows, cols, row_ok, col_ok, hidden_t, stride_htn, stride_htk, stride_wtv, stride_wtk,
+            BLOCK_M, BLOCK_V, BLOCK_H, PRECISION
         )
         lt = zt * inv_temp - tl.load(lse_t_ptr + rows, mask=row_ok, other=0.0)[:, None]
         if ALPHA_MODE == 0:  # G = −p_T

@@ -58,21 +58,8 @@ def _insert_candidates(best, keys, col_ok, KP: tl.constexpr):
 
 @triton.jit
 def _logit_tile(
-    h_ptr,
-    w_ptr,
-    rows,
-    cols,
-    row_ok,
-    col_ok,
-    hidden,
-    stride_hn,
-    stride_hk,
-    stride_wv,
-    stride_wk,
-    BLOCK_M: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    PRECISION: tl.constexpr,
+    h_ptr, w_ptr, rows, cols, row_ok, col_ok, hidden, stride_hn, stride_hk, stride_wv, stride_wk,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr
 ):
     """(BLOCK_M, BLOCK_V) = h[rows] @ W[cols]ᵀ with fp32 accumulation over the hidden dimension."""
     acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
@@ -80,14 +67,12 @@ def _logit_tile(
         hk = h0 + tl.arange(0, BLOCK_H)
         hk_ok = hk < hidden
         a = tl.load(
-            h_ptr + rows[:, None] * stride_hn + hk[None, :] * stride_hk,
-            mask=row_ok[:, None] & hk_ok[None, :],
-            other=0.0,
+            h_ptr + rows[:, None] * stride_hn + hk[None, :] * stride_hk, mask=row_ok[:, None] & hk_ok[None, :],
+            other=0.0
         )
         b = tl.load(
-            w_ptr + cols[:, None] * stride_wv + hk[None, :] * stride_wk,
-            mask=col_ok[:, None] & hk_ok[None, :],
-            other=0.0,
+            w_ptr + cols[:, None] * stride_wv + hk[None, :] * stride_wk, mask=col_ok[:, None] & hk_ok[None, :],
+            other=0.0
         )
         acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
     return acc
@@ -95,30 +80,11 @@ def _logit_tile(
 
 @triton.jit
 def stream_stats_kernel(
-    h_ptr,
-    w_ptr,
-    y_ptr,
-    max_ptr,
-    sum_ptr,
-    target_ptr,
-    keys_ptr,
-    n_rows,
-    vocab,
-    hidden,
-    cols_per_split,
-    n_splits,
-    stride_hn,
-    stride_hk,
-    stride_wv,
-    stride_wk,
-    inv_temp,
-    n_bucket,  # n_bucket: power-of-two row count, only an autotuning key
-    KP: tl.constexpr,
-    DO_TOPK: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_H: tl.constexpr,
+    h_ptr, w_ptr, y_ptr, max_ptr, sum_ptr, target_ptr, keys_ptr, n_rows, vocab, hidden, cols_per_split, n_splits,
+    stride_hn, stride_hk, stride_wv, stride_wk,
+    inv_temp, n_bucket,  # n_bucket: the power-of-two row count, only an autotuning key
+    KP: tl.constexpr, DO_TOPK: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -136,21 +102,8 @@ def stream_stats_kernel(
         cols = v0 + tl.arange(0, BLOCK_V)
         col_ok = cols < v_end
         z = _logit_tile(
-            h_ptr,
-            w_ptr,
-            rows,
-            cols,
-            row_ok,
-            col_ok,
-            hidden,
-            stride_hn,
-            stride_hk,
-            stride_wv,
-            stride_wk,
-            BLOCK_M,
-            BLOCK_V,
-            BLOCK_H,
-            PRECISION,
+            h_ptr, w_ptr, rows, cols, row_ok, col_ok, hidden, stride_hn, stride_hk, stride_wv, stride_wk, BLOCK_M,
+            BLOCK_V, BLOCK_H, PRECISION
         )
         z = tl.where(col_ok[None, :], z * inv_temp, float("-inf"))
         target += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
@@ -171,19 +124,8 @@ def stream_stats_kernel(
 
 @triton.jit
 def gather_logits_kernel(
-    h_ptr,
-    w_ptr,
-    idx_ptr,
-    out_ptr,
-    hidden,
-    k,
-    stride_hn,
-    stride_hk,
-    stride_wv,
-    stride_wk,
-    inv_temp,
-    BLOCK_K: tl.constexpr,
-    BLOCK_H: tl.constexpr,
+    h_ptr, w_ptr, idx_ptr, out_ptr, hidden, k, stride_hn, stride_hk, stride_wv, stride_wk, inv_temp,
+    BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr
 ):
     row = tl.program_id(0)
     ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -195,7 +137,8 @@ def gather_logits_kernel(
         hk_ok = hk < hidden
         h = tl.load(h_ptr + row * stride_hn + hk * stride_hk, mask=hk_ok, other=0.0).to(tl.float32)
         w = tl.load(
-            w_ptr + ids[:, None] * stride_wv + hk[None, :] * stride_wk, mask=k_ok[:, None] & hk_ok[None, :], other=0.0
+            w_ptr + ids[:, None] * stride_wv + hk[None, :] * stride_wk, mask=k_ok[:, None] & hk_ok[None, :],
+            other=0.0
         )
         acc += tl.sum(w.to(tl.float32) * h[None, :], axis=1)
     tl.store(out_ptr + row * k + ks, acc * inv_temp, mask=k_ok)
@@ -226,38 +169,10 @@ def _full_terms(ls, lt, col_ok, alpha, log_one_minus_alpha, log_alpha, ALPHA_MOD
 
 @triton.jit
 def full_divergence_kernel(
-    hs_ptr,
-    ws_ptr,
-    ht_ptr,
-    wt_ptr,
-    lse_s_ptr,
-    lse_t_ptr,
-    div_ptr,
-    part_ptr,
-    n_rows,
-    vocab,
-    hidden_s,
-    hidden_t,
-    cols_per_split,
-    n_splits,
-    stride_hsn,
-    stride_hsk,
-    stride_wsv,
-    stride_wsk,
-    stride_htn,
-    stride_htk,
-    stride_wtv,
-    stride_wtk,
-    inv_temp,
-    alpha,
-    log_one_minus_alpha,
-    log_alpha,
-    n_bucket,
-    ALPHA_MODE: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_H: tl.constexpr,
+    hs_ptr, ws_ptr, ht_ptr, wt_ptr, lse_s_ptr, lse_t_ptr, div_ptr, part_ptr, n_rows, vocab, hidden_s, hidden_t,
+    cols_per_split, n_splits, stride_hsn, stride_hsk, stride_wsv, stride_wsk, stride_htn, stride_htk, stride_wtv,
+    stride_wtk, inv_temp, alpha, log_one_minus_alpha, log_alpha, n_bucket, ALPHA_MODE: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr
 ):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -273,38 +188,12 @@ def full_divergence_kernel(
         cols = v0 + tl.arange(0, BLOCK_V)
         col_ok = cols < v_end
         zs = _logit_tile(
-            hs_ptr,
-            ws_ptr,
-            rows,
-            cols,
-            row_ok,
-            col_ok,
-            hidden_s,
-            stride_hsn,
-            stride_hsk,
-            stride_wsv,
-            stride_wsk,
-            BLOCK_M,
-            BLOCK_V,
-            BLOCK_H,
-            PRECISION,
+            hs_ptr, ws_ptr, rows, cols, row_ok, col_ok, hidden_s, stride_hsn, stride_hsk, stride_wsv, stride_wsk,
+            BLOCK_M, BLOCK_V, BLOCK_H, PRECISION
         )
         zt = _logit_tile(
-            ht_ptr,
-            wt_ptr,
-            rows,
-            cols,
-            row_ok,
-            col_ok,
-            hidden_t,
-            stride_htn,
-            stride_htk,
-            stride_wtv,
-            stride_wtk,
-            BLOCK_M,
-            BLOCK_V,
-            BLOCK_H,
-            PRECISION,
+            ht_ptr, wt_ptr, rows, cols, row_ok, col_ok, hidden_t, stride_htn, stride_htk, stride_wtv, stride_wtk,
+            BLOCK_M, BLOCK_V, BLOCK_H, PRECISION
         )
         ls = tl.where(col_ok[None, :], zs * inv_temp - lse_s[:, None], 0.0)
         lt = tl.where(col_ok[None, :], zt * inv_temp - lse_t[:, None], 0.0)

@@ -20,7 +20,7 @@ import os
 import torch
 import triton
 
-from .function import GradSpec, HeadOptions, Stats
+from .function import GradSpec, HeadOptions, Stats, TileOps
 from .triton_bwd import dense_grad_kernel
 from .triton_fwd import full_divergence_kernel, gather_logits_kernel, stream_stats_kernel
 
@@ -146,7 +146,7 @@ def _interpretable(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(t.float() if t.dtype == torch.bfloat16 else t for t in tensors)
 
 
-class TritonTiles:
+class TritonTiles(TileOps):
     """Tile operations for `SDPOHeadFunction` as fused Triton kernels."""
 
     name = "triton"
@@ -206,15 +206,6 @@ class TritonTiles:
         best = torch.topk(keys.view(n, splits * kp), topk, dim=1).values
         values, ids = decode_keys(best)
         return Stats(lse, target, values, ids)
-
-    def student_stats(self, h, weight, targets, opts: HeadOptions) -> Stats:
-        return self._stream(h, weight, targets, opts, opts.topk)
-
-    def teacher_stats(self, h, weight, targets, opts: HeadOptions, top_idx) -> Stats:
-        stats = self._stream(h, weight, targets, opts, None)
-        if top_idx is None:
-            return stats
-        return stats._replace(top_logits=self.gather(h, weight, top_idx, opts))
 
     def gather(self, h, weight, idx, opts: HeadOptions) -> torch.Tensor:
         h, weight = _interpretable(_same_dtype(h, weight), weight)

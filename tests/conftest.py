@@ -12,6 +12,10 @@ import torch
 # `triton.jit` decorates them (i.e. before sdpo_fast's Triton module is first imported).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    try:  # Triton reads its knobs once, on first import: import it now, while the interpreter is selected
+        import triton  # noqa: F401
+    except ImportError:
+        pass
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")

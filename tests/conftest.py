@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -12,10 +13,8 @@ import torch
 # `triton.jit` decorates them (i.e. before sdpo_fast's Triton module is first imported).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-    try:  # Triton reads its knobs once, on first import: import it now, while the interpreter is selected
+    with contextlib.suppress(ImportError):  # Triton reads its knobs on first import: do it while interpreting
         import triton  # noqa: F401
-    except ImportError:
-        pass
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")

@@ -27,6 +27,29 @@ def _logits_into(out: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, inv_t
     return out.mul_(inv_temp) if inv_temp != 1.0 else out
 
 
+def _merge_topk(z, v0, topk, best_vals, best_idx):
+    """Fold one tile into the running top-K (values sorted descending, ids).
+
+    Only as many tile entries as beat some row's current K-th value can enter, and that number
+    shrinks quickly as the top-K settles: asking `torch.topk` for just that many is much cheaper
+    than a full top-K of every tile.
+    """
+    width = z.shape[1]
+    if best_vals is None:
+        vals, idx = torch.topk(z, min(topk, width), dim=1)
+        return vals, idx + v0
+    if best_vals.shape[1] < topk:  # still filling up (tiles narrower than K)
+        take = min(topk, width)
+    else:
+        take = int((z > best_vals[:, -1:]).sum(dim=1).max())
+        if take == 0:
+            return best_vals, best_idx
+    vals, idx = torch.topk(z, min(take, width), dim=1)
+    k = min(topk, best_vals.shape[1] + vals.shape[1])
+    vals, pos = torch.topk(torch.cat([best_vals, vals], 1), k, dim=1)
+    return vals, torch.cat([best_idx, idx + v0], 1).gather(1, pos)
+
+
 def _tiles(n: int, vocab: int, hidden: int, budget: int, bytes_per_element: int):
     rows, cols = plan_tiles(n, vocab, hidden, budget, bytes_per_element)
     for r0 in range(0, n, rows):
@@ -70,13 +93,7 @@ class TorchTiles(TileOps):
                     r = inside.nonzero().squeeze(1)
                     target_logit[rows.start + r] = z[r, y[r] - v0]
                 if topk:
-                    vals, idx = torch.topk(z, min(topk, v1 - v0), dim=1)
-                    idx += v0
-                    if best_vals is not None:  # merge with the running top-K: at most 2·K candidates
-                        k = min(topk, best_vals.shape[1] + vals.shape[1])
-                        vals, pos = torch.topk(torch.cat([best_vals, vals], 1), k, dim=1)
-                        idx = torch.cat([best_idx, idx], 1).gather(1, pos)
-                    best_vals, best_idx = vals, idx
+                    best_vals, best_idx = _merge_topk(z, v0, topk, best_vals, best_idx)
                 # online logsumexp; the tile is consumed in place
                 new_max = torch.maximum(run_max, z.amax(dim=1))
                 run_sum.mul_(torch.exp(run_max - new_max)).add_(z.sub_(new_max.unsqueeze(1)).exp_().sum(dim=1))

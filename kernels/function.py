@@ -142,10 +142,12 @@ def _gemm_operand(x: torch.Tensor) -> torch.Tensor:
     return x.to(accumulation_dtype(x))
 
 
-def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _accumulate_mm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out += a @ b with fp32 accumulation (in place, no temporary, except for CUDA half inputs)."""
     if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return torch.mm(a, b)
+        out.add_(torch.mm(a, b, out_dtype=torch.float32))
+    else:
+        out.addmm_(a, b)
 
 
 def _add_sparse(tile: torch.Tensor, values: torch.Tensor, idx: torch.Tensor, v0: int, v1: int) -> None:
@@ -179,17 +181,19 @@ def linear_backward(
     for v0 in range(0, vocab, cols_per_tile):
         v1 = min(vocab, v0 + cols_per_tile)
         w_chunk = _gemm_operand(weight[v0:v1])
-        grad_w_chunk = torch.zeros(v1 - v0, hidden, dtype=acc, device=h.device) if need_dw else None
+        if need_dw:  # accumulate straight into dW when it already has the accumulation dtype
+            direct = grad_w.dtype == acc
+            grad_w_chunk = grad_w[v0:v1].zero_() if direct else torch.zeros(v1 - v0, hidden, dtype=acc, device=h.device)
         for r0 in range(0, n, rows_per_tile):
             r1 = min(n, r0 + rows_per_tile)
             tile = buffer[: (r1 - r0) * (v1 - v0)].view(r1 - r0, v1 - v0)  # contiguous
             ops.dense_grad(spec, slice(r0, r1), v0, v1, tile)
             _add_sparse(tile, sparse_values[r0:r1], sparse_idx[r0:r1], v0, v1)
             if need_dh:
-                grad_h[r0:r1] += _mm_f32(tile, w_chunk)
+                _accumulate_mm(grad_h[r0:r1], tile, w_chunk)
             if need_dw:
-                grad_w_chunk += _mm_f32(tile.t(), h_op[r0:r1])
-        if need_dw:
+                _accumulate_mm(grad_w_chunk, tile.t(), h_op[r0:r1])
+        if need_dw and not direct:
             grad_w[v0:v1] = grad_w_chunk.to(weight.dtype)
     return (grad_h.to(h.dtype) if need_dh else None), grad_w
 

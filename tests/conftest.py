@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import torch
+from hypothesis import settings
 
 # The Triton kernels run on the CPU through the interpreter, which must be chosen before
 # `triton.jit` decorates them (i.e. before sdpo_fast's Triton module is first imported).
@@ -21,4 +22,8 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+# Property tests draw the same examples on every run: CI must not depend on luck.
+settings.register_profile("sdpo", derandomize=True, print_blob=True)
+settings.load_profile("sdpo")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

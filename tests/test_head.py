@@ -42,6 +42,19 @@ def run_head(backend, h_s, w_s, h_t, w_t, y, g_div, g_lp, budget_mb=256, **kw):
     return out.divergence.detach(), out.student_logprob.detach(), out.teacher_logprob.detach(), hs.grad, ws.grad
 
 
+def _tail_conditioning(h_s, w_s, topk, add_tail, temperature) -> float:
+    """How much fp32 rounding is amplified by the tail bucket: log(1 − m) has slope 1/(1 − m).
+
+    When the student's top-K holds almost all the mass m, any low-precision backend (and the
+    reference itself, which works on bf16 logits) loses that many digits; float64 inputs do not.
+    """
+    if topk is None or not add_tail:
+        return 1.0
+    logp = torch.log_softmax((h_s.double() @ w_s.double().t()) / temperature, dim=-1)
+    mass = torch.logsumexp(torch.topk(logp, topk, dim=-1).values, dim=-1).exp().max().item()
+    return min(max(1.0, 1e-2 / max(1.0 - mass, 1e-12)), 1e3)
+
+
 def assert_matches_oracle(
     backend,
     n,
@@ -66,6 +79,7 @@ def assert_matches_oracle(
     got = run_head(backend, h_s, w_s, h_t, w_t, y, g_div, g_lp, budget_mb=budget_mb, **kw)
     # gradients come back in the input dtype: allow one final rounding (half an ulp) on top of `tol`
     rounding = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}.get(dtype, 0.0)
+    tol = tol * _tail_conditioning(h_s, w_s, topk, add_tail, temperature) if dtype != torch.float64 else tol
     for name, a, b in zip(["divergence", "student_logprob", "teacher_logprob", "grad_h", "grad_w"], got, expected):
         is_grad = name.startswith("grad")
         assert a.dtype == (dtype if is_grad else (torch.float64 if dtype == torch.float64 else torch.float32))

@@ -83,8 +83,7 @@ class TorchTiles(TileOps):
         for rows, col_ranges in _tiles(n, vocab, hidden, opts.budget_bytes, TILE_BYTES_PER_ELEMENT):
             h_rows, y = h[rows], targets[rows]
             m = h_rows.shape[0]
-            run_max = torch.full((m,), -math.inf, dtype=acc, device=h.device)
-            run_sum = torch.zeros(m, dtype=acc, device=h.device)
+            run_lse = torch.full((m,), -math.inf, dtype=acc, device=h.device)
             best_vals = best_idx = None
             for v0, v1 in col_ranges:
                 z = _logits_into(_tile(scratch, m, v1 - v0), h_rows, weight[v0:v1], opts.inv_temp)
@@ -94,11 +93,9 @@ class TorchTiles(TileOps):
                     target_logit[rows.start + r] = z[r, y[r] - v0]
                 if topk:
                     best_vals, best_idx = _merge_topk(z, v0, topk, best_vals, best_idx)
-                # online logsumexp; the tile is consumed in place
-                new_max = torch.maximum(run_max, z.amax(dim=1))
-                run_sum.mul_(torch.exp(run_max - new_max)).add_(z.sub_(new_max.unsqueeze(1)).exp_().sum(dim=1))
-                run_max = new_max
-            lse[rows] = run_max + torch.log(run_sum)
+                # online logsumexp: one fused reduction per tile, merged with the running value
+                run_lse = torch.logaddexp(run_lse, torch.logsumexp(z, dim=1))
+            lse[rows] = run_lse
             if topk:
                 top_vals[rows], top_idx[rows] = best_vals, best_idx
         return Stats(lse, target_logit, top_vals if topk else None, top_idx if topk else None)

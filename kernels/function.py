@@ -142,10 +142,13 @@ def _gemm_operand(x: torch.Tensor) -> torch.Tensor:
     return x.to(accumulation_dtype(x))
 
 
-def _accumulate_mm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """out += a @ b with fp32 accumulation (in place, no temporary, except for CUDA half inputs)."""
+def _accumulate_mm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
+    """out (+)= a @ b with fp32 accumulation, in place: the first product overwrites, later ones add."""
     if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
-        out.add_(torch.mm(a, b, out_dtype=torch.float32))
+        product = torch.mm(a, b, out_dtype=torch.float32)
+        out.copy_(product) if first else out.add_(product)
+    elif first:
+        torch.mm(a, b, out=out)
     else:
         out.addmm_(a, b)
 
@@ -174,7 +177,7 @@ def linear_backward(
     rows_per_tile, cols_per_tile = plan_tiles(n, vocab, hidden, budget_bytes, ops.tile_bytes_per_element)
     h_op = _gemm_operand(h)
     acc = accumulation_dtype(h)
-    grad_h = torch.zeros(n, hidden, dtype=acc, device=h.device) if need_dh else None
+    grad_h = torch.empty(n, hidden, dtype=acc, device=h.device) if need_dh else None
     grad_w = torch.empty_like(weight) if need_dw else None
     tile_dtype = h_op.dtype
     buffer = torch.empty(rows_per_tile * cols_per_tile, dtype=tile_dtype, device=h.device)
@@ -183,16 +186,16 @@ def linear_backward(
         w_chunk = _gemm_operand(weight[v0:v1])
         if need_dw:  # accumulate straight into dW when it already has the accumulation dtype
             direct = grad_w.dtype == acc
-            grad_w_chunk = grad_w[v0:v1].zero_() if direct else torch.zeros(v1 - v0, hidden, dtype=acc, device=h.device)
+            grad_w_chunk = grad_w[v0:v1] if direct else torch.empty(v1 - v0, hidden, dtype=acc, device=h.device)
         for r0 in range(0, n, rows_per_tile):
             r1 = min(n, r0 + rows_per_tile)
             tile = buffer[: (r1 - r0) * (v1 - v0)].view(r1 - r0, v1 - v0)  # contiguous
             ops.dense_grad(spec, slice(r0, r1), v0, v1, tile)
             _add_sparse(tile, sparse_values[r0:r1], sparse_idx[r0:r1], v0, v1)
             if need_dh:
-                _accumulate_mm(grad_h[r0:r1], tile, w_chunk)
+                _accumulate_mm(grad_h[r0:r1], tile, w_chunk, first=v0 == 0)
             if need_dw:
-                _accumulate_mm(grad_w_chunk, tile.t(), h_op[r0:r1])
+                _accumulate_mm(grad_w_chunk, tile.t(), h_op[r0:r1], first=r0 == 0)
         if need_dw and not direct:
             grad_w[v0:v1] = grad_w_chunk.to(weight.dtype)
     return (grad_h.to(h.dtype) if need_dh else None), grad_w

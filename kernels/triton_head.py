@@ -26,7 +26,7 @@ from .triton_fwd import full_divergence_kernel, gather_logits_kernel, stream_sta
 
 # Vocabulary slices are whole multiples of every BLOCK_V in the search space.
 SPLIT_QUANTUM = 256
-MAX_KP = 256  # the running top-K set lives in registers: (BLOCK_M, KP) int64 per program
+MAX_KP = 256  # the running top-K set lives in registers: (BLOCK_M, KP) int64 per program (= TRITON_MAX_TOPK)
 
 
 def interpreting() -> bool:

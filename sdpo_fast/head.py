@@ -25,6 +25,7 @@ from .kernels.function import HeadOptions, SDPOHeadFunction
 from .kernels.naive import naive_head
 
 BACKENDS = ("auto", "triton", "torch", "naive")
+TRITON_MAX_TOPK = 256
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
@@ -155,7 +156,10 @@ def sdpo_head(
         fp64 inputs). Gradients flow to `student_hidden` and `student_weight` only.
     """
     _validate(student_hidden, student_weight, teacher_hidden, teacher_weight, target_ids, topk, alpha, temperature)
+    requested = backend
     backend = resolve_backend(backend, student_hidden.device)
+    if backend == "triton" and requested == "auto" and topk is not None and topk > TRITON_MAX_TOPK:
+        backend = "torch"  # the Triton kernels keep the running top-K in registers: K ≤ 256
     targets = target_ids.long()
     teacher_hidden, teacher_weight = teacher_hidden.detach(), teacher_weight.detach()
     inv_temp = 1.0 / float(temperature)

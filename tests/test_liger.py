@@ -1,0 +1,46 @@
+"""Liger-Kernel's layer kernels (RMSNorm, RoPE, SwiGLU) compose with SDPOTrainer (GPU only)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None,
+        reason="Liger-Kernel's Triton kernels need CUDA and the liger-kernel package",
+    ),
+]
+
+
+def test_liger_patched_model_trains_with_sdpo(tmp_path):
+    from liger_kernel.transformers import apply_liger_kernel_to_qwen2
+    from tiny_setup import chat_dataset, grpo_args, half_success, tokenizer
+    from transformers import Qwen2ForCausalLM
+
+    from sdpo_fast import SDPOConfig, SDPOTrainer
+    from sdpo_fast.testing import tiny_qwen2
+
+    # Patch the module classes (not the cross-entropy: SDPO's head replaces the LM-head loss path).
+    apply_liger_kernel_to_qwen2(
+        rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False
+    )
+    tok = tokenizer()
+    model = tiny_qwen2(tok, hidden_size=64, intermediate_size=128).cuda()
+    assert isinstance(model, Qwen2ForCausalLM)
+    assert "Liger" in type(model.model.norm).__name__
+    trainer = SDPOTrainer(
+        model,
+        half_success,
+        args=grpo_args(tmp_path, use_cpu=False, max_steps=2),
+        sdpo_config=SDPOConfig(distillation_topk=10),
+        train_dataset=chat_dataset(),
+        processing_class=tok,
+    )
+    assert trainer.sdpo_backend == "triton"
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "sdpo/loss" in h]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))

@@ -13,7 +13,8 @@ import torch
 
 from .function import GradSpec, HeadOptions, Stats, TileOps, accumulation_dtype, plan_tiles
 
-# Scratch per tile element: the fp32 logits tile itself, reused in place, plus `torch.topk` scratch.
+# Scratch per tile element: the fp32 logits tile itself (reused in place) and `torch.topk`'s working
+# memory; every other temporary is per row or bounded separately. Checked by tests/test_head_memory.py.
 TILE_BYTES_PER_ELEMENT = 8
 FULL_TILE_BYTES_PER_ELEMENT = 24  # full-vocabulary tiles also hold teacher logits and the mixture
 
@@ -25,6 +26,11 @@ def _logits_into(out: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, inv_t
     else:
         torch.mm(h.to(out.dtype), weight.to(out.dtype).t(), out=out)
     return out.mul_(inv_temp) if inv_temp != 1.0 else out
+
+
+def _max_count_above(z: torch.Tensor, threshold: torch.Tensor, rows: int = 256) -> int:
+    """max over rows of #{z > threshold}, a few rows at a time (a bool→int64 sum would copy the tile 8×)."""
+    return max(int((z[r : r + rows] > threshold[r : r + rows]).sum(dim=1).max()) for r in range(0, z.shape[0], rows))
 
 
 def _merge_topk(z, v0, topk, best_vals, best_idx):
@@ -41,7 +47,7 @@ def _merge_topk(z, v0, topk, best_vals, best_idx):
     if best_vals.shape[1] < topk:  # still filling up (tiles narrower than K)
         take = min(topk, width)
     else:
-        take = int((z > best_vals[:, -1:]).sum(dim=1).max())
+        take = _max_count_above(z, best_vals[:, -1:])
         if take == 0:
             return best_vals, best_idx
     vals, idx = torch.topk(z, min(take, width), dim=1)
@@ -83,7 +89,8 @@ class TorchTiles(TileOps):
         for rows, col_ranges in _tiles(n, vocab, hidden, opts.budget_bytes, TILE_BYTES_PER_ELEMENT):
             h_rows, y = h[rows], targets[rows]
             m = h_rows.shape[0]
-            run_lse = torch.full((m,), -math.inf, dtype=acc, device=h.device)
+            run_max = torch.full((m,), -math.inf, dtype=acc, device=h.device)
+            run_sum = torch.zeros(m, dtype=acc, device=h.device)
             best_vals = best_idx = None
             for v0, v1 in col_ranges:
                 z = _logits_into(_tile(scratch, m, v1 - v0), h_rows, weight[v0:v1], opts.inv_temp)
@@ -93,9 +100,11 @@ class TorchTiles(TileOps):
                     target_logit[rows.start + r] = z[r, y[r] - v0]
                 if topk:
                     best_vals, best_idx = _merge_topk(z, v0, topk, best_vals, best_idx)
-                # online logsumexp: one fused reduction per tile, merged with the running value
-                run_lse = torch.logaddexp(run_lse, torch.logsumexp(z, dim=1))
-            lse[rows] = run_lse
+                # online logsumexp, consuming the tile in place (torch.logsumexp would allocate a second tile)
+                new_max = torch.maximum(run_max, z.amax(dim=1))
+                run_sum.mul_(torch.exp(run_max - new_max)).add_(z.sub_(new_max.unsqueeze(1)).exp_().sum(dim=1))
+                run_max = new_max
+            lse[rows] = run_max + torch.log(run_sum)
             if topk:
                 top_vals[rows], top_idx[rows] = best_vals, best_idx
         return Stats(lse, target_logit, top_vals if topk else None, top_idx if topk else None)
@@ -105,11 +114,13 @@ class TorchTiles(TileOps):
         n, k = idx.shape
         acc = accumulation_dtype(h)
         out = torch.empty(n, k, dtype=acc, device=h.device)
-        rows_per_chunk = max(1, opts.budget_bytes // (8 * max(k, 1) * max(h.shape[1], 1)))
+        # the gathered (rows, K, H) weight rows, in fp32, take at most a quarter of the budget
+        rows_per_chunk = max(1, opts.budget_bytes // (16 * max(k, 1) * max(h.shape[1], 1)))
         for r0 in range(0, n, rows_per_chunk):
             r1 = min(n, r0 + rows_per_chunk)
-            w_rows = weight[idx[r0:r1]].to(acc)  # (rows, K, H)
-            out[r0:r1] = torch.einsum("rkh,rh->rk", w_rows, h[r0:r1].to(acc)) * opts.inv_temp
+            w_rows = weight[idx[r0:r1]].to(acc)  # (rows, K, H), contiguous: bmm needs no further copy
+            logits = torch.bmm(w_rows, h[r0:r1].to(acc).unsqueeze(2)).squeeze(2)
+            out[r0:r1] = logits.mul_(opts.inv_temp)
         return out
 
     def full_divergence(self, h_s, w_s, h_t, w_t, lse_s, lse_t, opts: HeadOptions):

@@ -1,0 +1,186 @@
+"""bench/run.py: a tiny end-to-end sweep in a subprocess, and the planning/judging/report logic in-process."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "bench"
+REQUIRED = ("bench", "impl", "device", "tokens", "hidden", "vocab", "topk", "dtype")
+REQUIRED += ("peak_mem_mib", "median_ms", "ok", "error")
+# Head at H=64, V=2048, N=32 and K=20; a 2-step training run at vocab 2048 with 8 × 4 loss tokens.
+# TRL's competitors are left out here only to keep CI fast (each of their processes imports TRL).
+TINY = [
+    "--quick",
+    "--model-shape",
+    "64x2048",
+    "--tokens",
+    "32",
+    "--topk",
+    "20",
+    "--step-vocab",
+    "2048",
+    "--steps",
+    "2",
+    "--impl",
+    "naive,sdpo_fast-torch,sdpo_fast-triton,liger-jsd,grpo,sdpo_fast",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench-out")
+    before = set((BENCH / "results").glob("*"))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, str(BENCH / "run.py"), *TINY, "--out-dir", str(out), "--json", str(out / "records.json")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert set((BENCH / "results").glob("*")) == before, "a CI run must not write into bench/results"
+    return out, json.loads((out / "records.json").read_text()), proc.stdout
+
+
+def test_records_carry_every_field(tiny_run):
+    _, records, _ = tiny_run
+    assert records
+    for rec in records:
+        missing = [k for k in REQUIRED if k not in rec]
+        assert not missing, f"{rec['impl']} lacks {missing}"
+        assert rec["bench"] in ("head", "step")
+
+
+def test_implemented_backends_run_and_match_the_oracle(tiny_run):
+    _, records, _ = tiny_run
+    ran = {(r["bench"], r["impl"]) for r in records if not r.get("skipped")}
+    assert ran == {("head", "naive"), ("head", "sdpo_fast-torch"), ("step", "grpo"), ("step", "sdpo_fast")}
+    for rec in records:
+        if rec.get("skipped"):
+            continue
+        assert rec["ok"] is True and rec["error"] is None, rec
+        assert rec["median_ms"] > 0 and isinstance(rec["peak_mem_mib"], float)
+        assert (rec["tokens"], rec["vocab"]) == (32, 2048)
+    torch_rec = next(r for r in records if r["impl"] == "sdpo_fast-torch")
+    assert torch_rec["topk"] == 20 and torch_rec["hidden"] == 64 and torch_rec["dtype"] == "float32"
+    assert torch_rec["check"]["ok"] and torch_rec["check"]["grad_w_rel_err"] < 1e-3
+    assert torch_rec["loss_rel_err_vs_naive"] < 1e-3
+
+
+def test_gpu_only_competitors_are_skipped_with_a_reason(tiny_run):
+    _, records, stdout = tiny_run
+    assert "[skip] liger-jsd: skipped: " in stdout  # one clear console line
+    skipped = {r["impl"]: r for r in records if r.get("skipped")}
+    assert set(skipped) == {"sdpo_fast-triton", "liger-jsd"}
+    for rec in skipped.values():
+        assert rec["ok"] is False and rec["median_ms"] is None
+        assert isinstance(rec["error"], str) and "CUDA" in rec["error"]
+
+
+def test_result_files_are_written_to_the_out_dir(tiny_run):
+    out, records, _ = tiny_run
+    stems = {p.suffix: p for p in out.iterdir() if p.name != "records.json"}
+    assert set(stems) == {".json", ".md", ".png"}
+    assert stems[".json"].name.startswith("cpu-") and "-quick-partial" in stems[".json"].name
+    assert json.loads(stems[".json"].read_text()) == records
+    md = stems[".md"].read_text()
+    for heading in ("## Correctness", "## Head: forward + backward", "## Training step", "## Skipped"):
+        assert heading in md
+    assert stems[".png"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_re_renders_an_earlier_run(tiny_run, tmp_path):
+    out, _, _ = tiny_run
+    original = next(p for p in out.iterdir() if p.suffix == ".json" and p.name != "records.json")
+    copy = tmp_path / original.name
+    copy.write_text(original.read_text())
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "run.py"), "--report", str(copy), "--no-plot"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert copy.with_suffix(".md").read_text() == original.with_suffix(".md").read_text()
+
+
+# ------------------------------------------------------------------------------------ in-process logic
+
+
+@pytest.fixture
+def bench_modules():
+    """Import bench/run.py and its siblings (plain scripts, not a package), then forget them again."""
+    names = ("run", "sweep", "report", "worker")
+    saved = {n: sys.modules.pop(n) for n in names if n in sys.modules}
+    sys.path.insert(0, str(BENCH))
+    try:
+        yield {n: importlib.import_module(n) for n in names}
+    finally:
+        sys.path.remove(str(BENCH))
+        for n in names:
+            sys.modules.pop(n, None)
+        sys.modules.update(saved)
+
+
+def _head(impl, loss, topk=100, mem=100.0, ms=10.0, tokens=2048):
+    return dict(
+        bench="head", impl=impl, shape="cpu-h256", tokens=tokens, hidden=256, vocab=151936, topk=topk,
+        dtype="float32", loss=loss, peak_mem_mib=mem, median_ms=ms, ok=True, error=None,
+    )  # fmt: skip
+
+
+def test_a_loss_that_differs_from_naive_is_flagged(bench_modules):
+    run = bench_modules["run"]
+    records = [_head("naive", 1.0), _head("sdpo_fast-torch", 1.0 + 1e-6), _head("trl-chunked", 5.0, topk=None)]
+    wrong = _head("sdpo_fast-torch", 1.1, tokens=512)
+    records += [_head("naive", 1.0, tokens=512), wrong]
+    check = {"results": {("sdpo_fast-torch", 100): {"ok": True}, ("trl-chunked", None): {"ok": False}}}
+    said = []
+    run.judge_head(records, check, "float32", said.append)
+    ok = {(r["impl"], r["tokens"]): r["ok"] for r in records}
+    assert ok[("sdpo_fast-torch", 2048)] is True
+    assert ok[("sdpo_fast-torch", 512)] is False and "vs naive" in wrong["mismatch"]
+    assert ok[("trl-chunked", 2048)] is False  # failed the correctness check; not compared with top-K naive
+    assert ok[("naive", 2048)] is True
+    assert any("MISMATCH" in line for line in said)
+
+
+def test_goal_verdicts_follow_the_numbers(bench_modules):
+    report = bench_modules["report"]
+    meta = dict(device="cpu", device_name="cpu", date="d", command="c", runtime_s=1, threads=2, warmup=1, runs=3)
+    step = dict(bench="step", tokens=1024, hidden=128, vocab=151936, ok=True, error=None, generations=8)
+    step.update(completion_length=128, steps=4, dtype="float32")
+    records = [
+        _head("naive", 1.0, mem=4000.0, ms=10.0),
+        _head("sdpo_fast-torch", 1.0, mem=400.0, ms=15.0),
+        dict(step, impl="grpo", topk=None, peak_mem_mib=1500.0, median_ms=10_000.0),
+        dict(step, impl="trl-sdpo-topk", topk=100, peak_mem_mib=3300.0, median_ms=9_000.0),
+        dict(step, impl="sdpo_fast", topk=100, peak_mem_mib=1800.0, median_ms=12_000.0),
+    ]
+    md = report.markdown(records, meta)
+    head_goal = next(line for line in md.splitlines() if line.startswith("- CPU head"))
+    assert "10.0× less" in head_goal and "goal ≥ 8×: **met**" in head_goal
+    assert "1.50× naive" in head_goal and "goal ≤ 1.3×: **NOT met**" in head_goal
+    step_goal = next(line for line in md.splitlines() if line.startswith("- Training step"))
+    assert "6.0× less" in step_goal and "goal ≥ 4×: **met**" in step_goal
+    assert "1.20× GRPO" in step_goal and "goal ≤ 1.3×: **met**" in step_goal
+    assert "**1.50× SLOWER**" in md  # losses are stated plainly
+    records[-1]["peak_mem_mib"] = 600.0  # below GRPO: no ratio to take, but the goal holds
+    step_goal = next(line for line in report.markdown(records, meta).splitlines() if line.startswith("- Training"))
+    assert "peaks **900 MiB below** plain GRPO" in step_goal and "goal ≥ 4×: **met**" in step_goal
+
+
+def test_default_cpu_sweep_contains_the_goal_configuration(bench_modules):
+    sw = bench_modules["sweep"]
+    cases, skipped = sw.head_cases(sw.default_sweep("cpu", quick=False), list(sw.HEAD_IMPLS), "cpu")
+    goal = next(c for c in cases if (c.hidden, c.vocab, c.tokens) == (256, 151936, 2048))
+    assert {("naive", 100), ("sdpo_fast-torch", 100), ("trl-chunked", None)} <= set(goal.variants)
+    assert sum(1 for impl, _ in goal.variants if impl == "trl-chunked") == 1  # independent of K
+    assert {impl for impl, _ in skipped} == {"liger-jsd", "sdpo_fast-triton"}
+    assert all(impl not in ("liger-jsd", "sdpo_fast-triton") for c in cases for impl, _ in c.variants)
+    assert "trl.kernels.chunked_divergence" in goal.imports  # the baseline imports what the impls import

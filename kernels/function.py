@@ -101,8 +101,9 @@ def bucket_divergence_and_grad(
     tensors are tiny, and float64 removes the cancellation in log(1 − top-K mass).
     """
     out_dtype = student_topk.dtype
-    s = student_topk.detach().double().requires_grad_(True)
-    t = teacher_topk.detach().double()
+    work = epilogue_dtype(student_topk.device)
+    s = student_topk.detach().to(work).requires_grad_(True)
+    t = teacher_topk.detach().to(work)
     with torch.enable_grad():
         div = topk_divergence(s, t, alpha=opts.alpha, add_tail=opts.add_tail)
         (grad,) = torch.autograd.grad(div.sum(), s)
@@ -128,6 +129,11 @@ def plan_tiles(n_rows: int, vocab: int, hidden: int, budget_bytes: int, bytes_pe
         cols = max(128, cols // 128 * 128)
     rows = max(1, min(n_rows, elements // cols))
     return rows, cols
+
+
+def epilogue_dtype(device: torch.device) -> torch.dtype:
+    """float64 for the tiny (N, K) bucket maths, except where the device has none (Apple MPS)."""
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def accumulation_dtype(x: torch.Tensor) -> torch.dtype:
@@ -179,8 +185,8 @@ def linear_backward(
     acc = accumulation_dtype(h)
     grad_h = torch.empty(n, hidden, dtype=acc, device=h.device) if need_dh else None
     grad_w = torch.empty_like(weight) if need_dw else None
-    tile_dtype = h_op.dtype
-    buffer = torch.empty(rows_per_tile * cols_per_tile, dtype=tile_dtype, device=h.device)
+    # dz is formed in fp32 (sparse entries included) and rounded once, to the GEMM dtype, if that is half
+    buffer = torch.empty(rows_per_tile * cols_per_tile, dtype=acc, device=h.device)
     for v0 in range(0, vocab, cols_per_tile):
         v1 = min(vocab, v0 + cols_per_tile)
         w_chunk = _gemm_operand(weight[v0:v1])
@@ -192,10 +198,11 @@ def linear_backward(
             tile = buffer[: (r1 - r0) * (v1 - v0)].view(r1 - r0, v1 - v0)  # contiguous
             ops.dense_grad(spec, slice(r0, r1), v0, v1, tile)
             _add_sparse(tile, sparse_values[r0:r1], sparse_idx[r0:r1], v0, v1)
+            dz = tile if tile.dtype == w_chunk.dtype else tile.to(w_chunk.dtype)
             if need_dh:
-                _accumulate_mm(grad_h[r0:r1], tile, w_chunk, first=v0 == 0)
+                _accumulate_mm(grad_h[r0:r1], dz, w_chunk, first=v0 == 0)
             if need_dw:
-                _accumulate_mm(grad_w_chunk, tile.t(), h_op[r0:r1], first=r0 == 0)
+                _accumulate_mm(grad_w_chunk, dz.t(), h_op[r0:r1], first=r0 == 0)
         if need_dw and not direct:
             grad_w[v0:v1] = grad_w_chunk.to(weight.dtype)
     return (grad_h.to(h.dtype) if need_dh else None), grad_w
@@ -216,8 +223,9 @@ class SDPOHeadFunction(torch.autograd.Function):
             ctx.save_for_backward(h_s, w_s, h_t, w_t, targets, student.lse, teacher.lse, grad_sum)
         else:
             # float64 from here on: 1 − (top-K mass) cancels badly when the top-K holds almost everything
-            s_top = student.top_logits.double() - student.lse.double().unsqueeze(1)
-            t_top = teacher.top_logits.double() - teacher.lse.double().unsqueeze(1)
+            work = epilogue_dtype(h_s.device)
+            s_top = student.top_logits.to(work) - student.lse.to(work).unsqueeze(1)
+            t_top = teacher.top_logits.to(work) - teacher.lse.to(work).unsqueeze(1)
             div, bucket_grad = bucket_divergence_and_grad(s_top, t_top, opts)
             div, bucket_grad = div.to(student.lse.dtype), bucket_grad.to(student.lse.dtype)
             ctx.save_for_backward(h_s, w_s, targets, student.lse, student.top_idx, bucket_grad)

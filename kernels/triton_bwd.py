@@ -53,7 +53,7 @@ def dense_grad_kernel(
             m = tl.maximum(a, b)
             g = (1.0 - alpha) * p_s * (ls - (m + tl.log(tl.exp(a - m) + tl.exp(b - m))))
         grad += tl.load(gdiv_ptr + rows, mask=row_ok, other=0.0)[:, None] * g
-    ptrs = out_ptr + rows[:, None] * stride_on + local[None, :]
+    ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_on + local[None, :]
     tl.store(ptrs, grad.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 

@@ -63,6 +63,9 @@ def _logit_tile(
 ):
     """(BLOCK_M, BLOCK_V) = h[rows] @ W[cols]ᵀ with fp32 accumulation over the hidden dimension."""
     acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
+    # 64-bit offsets: V·H reaches 2³¹ for large models (and twice that for a trust-region teacher's [W_ref, W_live])
+    rows = rows.to(tl.int64)
+    cols = cols.to(tl.int64)
     for h0 in range(0, hidden, BLOCK_H):
         hk = h0 + tl.arange(0, BLOCK_H)
         hk_ok = hk < hidden
@@ -119,7 +122,7 @@ def stream_stats_kernel(
     tl.store(target_ptr + rows, target, mask=row_ok & (y >= v_start) & (y < v_end))
     if DO_TOPK:
         k = tl.arange(0, KP)
-        tl.store(keys_ptr + out[:, None] * KP + k[None, :], best, mask=row_ok[:, None])
+        tl.store(keys_ptr + out.to(tl.int64)[:, None] * KP + k[None, :], best, mask=row_ok[:, None])
 
 
 @triton.jit
@@ -135,7 +138,7 @@ def gather_logits_kernel(
     for h0 in range(0, hidden, BLOCK_H):
         hk = h0 + tl.arange(0, BLOCK_H)
         hk_ok = hk < hidden
-        h = tl.load(h_ptr + row * stride_hn + hk * stride_hk, mask=hk_ok, other=0.0).to(tl.float32)
+        h = tl.load(h_ptr + row.to(tl.int64) * stride_hn + hk * stride_hk, mask=hk_ok, other=0.0).to(tl.float32)
         w = tl.load(
             w_ptr + ids[:, None] * stride_wv + hk[None, :] * stride_wk, mask=k_ok[:, None] & hk_ok[None, :],
             other=0.0

@@ -116,7 +116,7 @@ def _splits(n_rows: int, vocab: int, device: torch.device) -> tuple[int, int]:
         target_programs = 4
     else:
         target_programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    row_blocks = math.ceil(n_rows / 64)
+    row_blocks = max(math.ceil(n_rows / 64), 1)
     max_splits = math.ceil(vocab / SPLIT_QUANTUM)
     splits = max(1, min(max_splits, math.ceil(target_programs / row_blocks)))
     cols = math.ceil(math.ceil(vocab / splits) / SPLIT_QUANTUM) * SPLIT_QUANTUM
@@ -150,7 +150,7 @@ class TritonTiles(TileOps):
     """Tile operations for `SDPOHeadFunction` as fused Triton kernels."""
 
     name = "triton"
-    tile_bytes_per_element = 4  # only the dense-gradient chunk is materialised
+    tile_bytes_per_element = 6  # only the dense-gradient chunk is materialised: fp32, plus its half copy on CUDA
 
     def _stream(self, h, weight, targets, opts: HeadOptions, topk: int | None) -> Stats:
         h, weight = _interpretable(_same_dtype(h, weight), weight)
@@ -234,6 +234,9 @@ class TritonTiles(TileOps):
     def full_divergence(self, h_s, w_s, h_t, w_t, lse_s, lse_t, opts: HeadOptions):
         h_s, w_s, h_t, w_t = _interpretable(_same_dtype(h_s, w_s), w_s, _same_dtype(h_t, w_t), w_t)
         n, vocab = h_s.shape[0], w_s.shape[0]
+        if n == 0:
+            empty = torch.zeros(0, dtype=torch.float32, device=h_s.device)
+            return empty, empty
         splits, cols_per_split = _splits(n, vocab, h_s.device)
         div = torch.empty(n, splits, dtype=torch.float32, device=h_s.device)
         part = torch.empty_like(div)

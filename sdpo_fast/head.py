@@ -179,7 +179,10 @@ def sdpo_head(
                 )
             )
     opts = HeadOptions(topk, bool(add_tail), float(alpha), inv_temp, int(memory_budget_mb * 2**20))
-    out = SDPOHeadFunction.apply(
-        student_hidden, student_weight, teacher_hidden, teacher_weight, targets, _tile_ops(backend), opts
-    )
+    # fp32 accumulation is the contract: an enclosing autocast (the trainer runs the head inside the model's
+    # forward, under `accelerator.autocast()`) must not round the tile matmuls or the teacher gather to bf16.
+    with torch.autocast(device_type=student_hidden.device.type, enabled=False):
+        out = SDPOHeadFunction.apply(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, targets, _tile_ops(backend), opts
+        )
     return SDPOHeadOutput(*out)

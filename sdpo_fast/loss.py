@@ -136,8 +136,10 @@ def agg_loss(
             "'seq-mean-token-mean' or 'seq-mean-token-sum-norm'."
         )
     if denominator is not None:
+        # A caller's normaliser may legitimately be below 1 (e.g. one active sequence shared by two processes):
+        # only guard against zero.
         denom = torch.as_tensor(denominator, dtype=per_token.dtype, device=per_token.device)
-        return numerator / denom.clamp(min=1e-12) if count is None else numerator / denom.clamp(min=1.0)
+        return numerator / denom.clamp(min=1e-12)
     if count is None:
         return numerator
     # count == 0 → numerator is an exact, connected 0 and the clamp keeps it finite.

@@ -20,6 +20,7 @@ the same base model. The trainer never computes full-vocabulary logits itself.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -34,7 +35,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOConfig, GRPOTrainer
 
 from .config import SDPOConfig
-from .head import resolve_backend, sdpo_head
+from .head import TRITON_MAX_TOPK, resolve_backend, sdpo_head
 from .loss import agg_loss, importance_ratio, token_level_surrogate
 from .reprompting import PromptCodec, build_teacher_contexts, group_key, question_text, tokenize_reprompt
 from .rewards import FeedbackStore, wrap_reward_function
@@ -120,6 +121,51 @@ def _reshard_fsdp2(module) -> None:
             m.reshard()
 
 
+def _shard_teacher_fsdp2(teacher, accelerator):
+    """FSDP2-shard the teacher per decoder layer, then at the root, as accelerate shards the student.
+
+    TRL's `prepare_fsdp` shards only the root, so every teacher forward would gather the whole model at
+    once. The teacher has no backward, so it always reshards after its forward. Each parameter is split
+    along dim 0 over the same mesh as the student's, which is what the shard-wise EMA needs.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    plugin = accelerator.state.fsdp_plugin
+    mesh = getattr(accelerator, "torch_device_mesh", None)
+    if mesh is not None:
+        mesh = mesh[tuple(accelerator.parallelism_config.fsdp_dim_names)]
+    kwargs = dict(
+        reshard_after_forward=True,
+        offload_policy=plugin.cpu_offload,
+        mp_policy=plugin.mixed_precision_policy or MixedPrecisionPolicy(),
+        mesh=mesh,
+    )
+    layers = set(getattr(teacher, "_no_split_modules", None) or ())
+    for module in teacher.modules():
+        if type(module).__name__ in layers:
+            fully_shard(module, **kwargs)
+    fully_shard(teacher, **kwargs)
+    return teacher.eval()
+
+
+def _teacher_kwargs(ids: torch.Tensor, att: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Teacher inputs without the columns that are left padding in every row; positions follow the mask."""
+    first = int(att.any(dim=0).nonzero()[0]) if att.any() else 0
+    ids, att = ids[:, first:], att[:, first:]
+    return dict(input_ids=ids, attention_mask=att, position_ids=(att.cumsum(dim=1) - 1).clamp(min=0))
+
+
+@contextlib.contextmanager
+def _eval_mode(module):
+    """No dropout for a no-grad pass through the training model (the PEFT teacher, the trust-region live pass)."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
 def _check_head_compatible(model, topk: int | None) -> None:
     config = model.config.get_text_config()
     if getattr(config, "final_logit_softcapping", None):
@@ -139,9 +185,19 @@ def _check_head_compatible(model, topk: int | None) -> None:
 
 
 def _logit_scale(model) -> float:
+    """The factor some architectures apply to their logits, so the head matches the model (and TRL's log-probs).
+
+    `logit_scale` (Cohere), `output_multiplier`, `lm_head_multiplier` (Falcon-H1) multiply; `logits_scaling`
+    divides (Granite, MiniCPM3), except for HyperCLOVA X, which multiplies by it.
+    """
     config = model.config.get_text_config()
-    scale = getattr(config, "logit_scale", None)
-    return 1.0 if scale is None else float(scale)
+    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
+        if getattr(config, name, None) is not None:
+            return float(getattr(config, name))
+    scaling = getattr(config, "logits_scaling", None)
+    if scaling is not None:
+        return float(scaling) if config.model_type == "hyperclovax" else 1.0 / float(scaling)
+    return 1.0
 
 
 # ---------------------------------------------------------------------------------------------- the trainer
@@ -206,6 +262,17 @@ class _SDPOTrainerMixin:
                     f"grpo_weight > 0 blends a GRPO loss of loss_type in {_GRPO_LOSS_TYPES}; got loss_type="
                     f"{args.loss_type!r}. Choose one of those, or grpo_weight=0."
                 )
+            ignored = [
+                name
+                for name, active in (
+                    ("top_entropy_quantile", args.top_entropy_quantile < 1.0),
+                    ("off_policy_mask_threshold", args.off_policy_mask_threshold is not None),
+                    ("entropy_coef", args.entropy_coef != 0.0 or args.use_adaptive_entropy),
+                )
+                if active
+            ]
+            if sdpo.grpo_weight > 0 and ignored:
+                logger.warning("The SDPO/GRPO blend ignores these GRPO options: %s.", ", ".join(ignored))
             _check_dataset(train_dataset, processing_class)
         super().__init__(
             model,
@@ -235,10 +302,21 @@ class _SDPOTrainerMixin:
                 "SDPO supports FSDP version 2 only: its parameters are DTensors, which the fused head gathers and the "
                 "EMA teacher updates shard by shard. Set fsdp_config={'fsdp_version': 2}."
             )
+        if self._is_vlm:
+            raise NotImplementedError(
+                "SDPOTrainer supports text-only models: the teacher prompt and the fused head do not carry images. "
+                "Pass a tokenizer (not a multimodal processor) and a text-only dataset."
+            )
         unwrapped = self.model.get_base_model() if is_peft_model(self.model) else self.model
         _check_head_compatible(unwrapped, sdpo.distillation_topk)
         self._logit_scale = _logit_scale(unwrapped)
         self.sdpo_backend = resolve_backend(sdpo.distillation_backend, self.accelerator.device)
+        if (
+            self.sdpo_backend == "triton"
+            and sdpo.distillation_backend == "auto"
+            and (sdpo.distillation_topk or 0) > TRITON_MAX_TOPK
+        ):
+            self.sdpo_backend = "torch"  # what `auto` does for K > 256, said here so that it is logged
         add_sdpo_forward(unwrapped)
         self._setup_teacher()
         logger.info("SDPO: teacher=%s, head backend=%s", self._teacher_kind, self.sdpo_backend)
@@ -276,17 +354,22 @@ class _SDPOTrainerMixin:
 
                 teacher = prepare_deepspeed(teacher, self.accelerator)
             elif self.is_fsdp_enabled:
-                from trl.models import prepare_fsdp
-
-                teacher = prepare_fsdp(teacher, self.accelerator)
+                teacher = _shard_teacher_fsdp2(teacher, self.accelerator)
             else:
                 teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
             self.ref_model = teacher
             self._teacher_kind = "ema-copy" if sdpo.teacher_regularization == "ema" else "trust-region-copy"
         if sdpo.teacher_regularization == "ema" and sdpo.teacher_update_rate > 0:
-            period = ema_period(
-                self.num_iterations, self.args.steps_per_generation, self.args.gradient_accumulation_steps
-            )
+            ga = self.args.gradient_accumulation_steps
+            period = ema_period(self.num_iterations, self.args.steps_per_generation, ga)
+            if (self.num_iterations * self.args.steps_per_generation) % ga:
+                logger.warning(
+                    "num_iterations × steps_per_generation is not a multiple of gradient_accumulation_steps=%d, so "
+                    "the EMA teacher cannot update exactly once per generation batch; it updates every %d optimizer "
+                    "step(s).",
+                    ga,
+                    period,
+                )
             self.ema_callback = EMATeacherCallback(
                 self._ema_update, period, gradients=self._student_gradients, all_reduce_flag=self._all_ranks_true
             )
@@ -304,14 +387,18 @@ class _SDPOTrainerMixin:
     @torch.no_grad()
     def _ema_update(self) -> None:
         rate = self.sdpo_config.teacher_update_rate
+        # Stochastic rounding of a low-precision teacher draws from a generator seeded alike on every rank, so
+        # replicated teachers stay identical (the global RNG has been consumed differently by each rank's sampling).
+        generator = torch.Generator(device=self.accelerator.device).manual_seed(self.args.seed + self.state.global_step)
         if self._teacher_kind == "adapter":
             pairs = adapter_pairs(self.accelerator.unwrap_model(self.model))
-            ema_update({n: t for n, (t, _) in pairs.items()}, {n: s for n, (_, s) in pairs.items()}, rate)
+            teacher, student = {n: t for n, (t, _) in pairs.items()}, {n: s for n, (_, s) in pairs.items()}
+            ema_update(teacher, student, rate, generator=generator)
         else:
             if self.is_fsdp_enabled:
                 _reshard_fsdp2(self.ref_model)
                 _reshard_fsdp2(self.model)
-            ema_update(self._unwrap_teacher(), self._student_for_ema(), rate)
+            ema_update(self._unwrap_teacher(), self._student_for_ema(), rate, generator=generator)
 
     def _student_for_ema(self):
         # FSDP: update the local shards, so keep the wrapper (teacher and student are sharded alike).
@@ -517,32 +604,49 @@ class _SDPOTrainerMixin:
         return getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
 
     def _teacher_states(self, model, inputs, score_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Teacher hidden states at the scored completion positions (N, H_T) and the teacher lm_head weight."""
+        """Teacher hidden states at the scored completion positions (N, H_T) and the teacher lm_head weight.
+
+        Only rows with a teacher signal are run, in chunks of `teacher_micro_batch_size`. Under FSDP
+        every forward and every `full_tensor()` is a collective, so all ranks run the same number of
+        chunks (a rank with fewer rows repeats a real row and discards it) and fetch the weights.
+        """
         sdpo = self.sdpo_config
         t_ids, t_mask = inputs["teacher_input_ids"], inputs["teacher_attention_mask"]
         n_rows, length = score_mask.shape
-        rows = (inputs["self_distillation_mask"] > 0) & score_mask.any(dim=1)
-        row_idx = rows.nonzero().squeeze(1)
-        if row_idx.numel() == 0:
+        row_idx = ((inputs["self_distillation_mask"] > 0) & score_mask.any(dim=1)).nonzero().squeeze(1)
+        chunk = sdpo.teacher_micro_batch_size or max(row_idx.numel(), 1)
+        n_chunks = math.ceil(row_idx.numel() / chunk)
+        if self.is_fsdp_enabled:
+            n_chunks = int(self.accelerator.reduce(torch.tensor(n_chunks, device=t_ids.device), reduction="max"))
+        if n_chunks == 0:
             return None
-        chunk = sdpo.teacher_micro_batch_size or row_idx.numel()
         teacher_parts, live_parts = [], []
         with torch.no_grad():
-            for start in range(0, row_idx.numel(), chunk):
-                idx = row_idx[start : start + chunk]
-                ids, att = t_ids[idx], t_mask[idx]
-                first = int(att.any(dim=0).nonzero()[0]) if att.any() else 0
-                ids, att = ids[:, first:], att[:, first:]  # drop columns that are left padding in every row
-                kwargs = dict(input_ids=ids, attention_mask=att, position_ids=(att.cumsum(dim=1) - 1).clamp(min=0))
+            for c in range(n_chunks):
+                idx = row_idx[c * chunk : (c + 1) * chunk]
+                kwargs = _teacher_kwargs(
+                    t_ids[idx] if idx.numel() else t_ids[:1], t_mask[idx] if idx.numel() else t_mask[:1]
+                )
                 with self.accelerator.autocast():
-                    teacher_parts.append(self._teacher_forward(model, kwargs, length))
-                    if sdpo.teacher_regularization == "trust-region":  # the live student on the teacher prompt
-                        live_parts.append(model(**kwargs, sdpo=SDPORequest(length)))
-        hidden_rows, weight = torch.cat(teacher_parts), self._teacher_weight(model)
+                    hidden = self._teacher_forward(model, kwargs, length)
+                    live = (
+                        self._live_forward(model, kwargs, length)
+                        if sdpo.teacher_regularization == "trust-region"
+                        else None
+                    )
+                if idx.numel():  # else a padding chunk that only kept the ranks' collectives in step
+                    teacher_parts.append(hidden)
+                    if live is not None:
+                        live_parts.append(live)
+        weight = self._teacher_weight(model)
+        if sdpo.teacher_regularization == "trust-region":  # the same on every rank, like the gathers it triggers
+            live_weight = _full_weight(self.accelerator.unwrap_model(model).get_output_embeddings().weight).detach()
         if self.is_fsdp_enabled and self.ref_model is not None:
             _reshard_fsdp2(self.ref_model)  # the weight above is a gathered copy; free the teacher's full params
+        if not teacher_parts:
+            return None
+        hidden_rows = torch.cat(teacher_parts)
         if live_parts:
-            live_weight = _full_weight(self.accelerator.unwrap_model(model).get_output_embeddings().weight).detach()
             hidden_rows, weight = trust_region_head_inputs(
                 hidden_rows, torch.cat(live_parts), weight, live_weight, sdpo.teacher_update_rate
             )
@@ -553,15 +657,24 @@ class _SDPOTrainerMixin:
     def _teacher_forward(self, model, kwargs: dict[str, torch.Tensor], length: int) -> torch.Tensor:
         """Hidden states of the (EMA or frozen-initial) teacher on the teacher prompt + completion."""
         if self._teacher_kind == "adapter":
-            with active_adapter(self.accelerator.unwrap_model(model), TEACHER_ADAPTER):
+            with active_adapter(self.accelerator.unwrap_model(model), TEACHER_ADAPTER), _eval_mode(model):
                 return model(**kwargs, sdpo=SDPORequest(length))
         return self.ref_model(**kwargs, sdpo=SDPORequest(length))
 
+    def _live_forward(self, model, kwargs: dict[str, torch.Tensor], length: int) -> torch.Tensor:
+        """The current student on the teacher prompt (trust-region teacher), without dropout."""
+        with _eval_mode(model):
+            return model(**kwargs, sdpo=SDPORequest(length))
+
     def _teacher_weight(self, model) -> torch.Tensor:
-        source = model if self._teacher_kind == "adapter" else self.ref_model
-        weight = self.accelerator.unwrap_model(source).get_output_embeddings().weight
+        if self._teacher_kind == "adapter":
+            # Read under the teacher adapter: with `modules_to_save=["lm_head"]` the head has a teacher copy.
+            unwrapped = self.accelerator.unwrap_model(model)
+            with active_adapter(unwrapped, TEACHER_ADAPTER):
+                return _full_weight(unwrapped.get_output_embeddings().weight).detach()
+        weight = self.accelerator.unwrap_model(self.ref_model).get_output_embeddings().weight
         full = _full_weight(weight).detach()
-        if self.is_fsdp_enabled and source is self.ref_model and not hasattr(weight, "full_tensor"):
+        if self.is_fsdp_enabled and not hasattr(weight, "full_tensor"):
             full = full.clone()  # FSDP2 left it gathered; the teacher is resharded right after, freeing it
         return full
 
@@ -592,7 +705,7 @@ class _SDPOTrainerMixin:
                 add_tail=sdpo.distillation_add_tail,
                 alpha=sdpo.distillation_alpha,
                 temperature=temperature,
-                backend=self.sdpo_backend,
+                backend=self.sdpo_backend,  # resolved at init (auto: triton on CUDA unless K > 256, else torch)
                 memory_budget_mb=sdpo.distillation_memory_budget_mb,
             )
             outputs = {}
@@ -720,6 +833,10 @@ def _check_dataset(train_dataset, processing_class) -> None:
     if train_dataset is None or isinstance(train_dataset, IterableDataset) or len(train_dataset) == 0:
         return
     row = train_dataset[0]
+    if "image" in row or "images" in row:
+        raise NotImplementedError(
+            "SDPOTrainer supports text-only datasets: the teacher prompt cannot carry the 'image'/'images' column."
+        )
     prompt = row.get("prompt")
     if isinstance(prompt, list):
         question_text(prompt)  # the last turn must be a user turn

@@ -257,3 +257,18 @@ def test_fsdp2_trainer_step_with_reshard_after_forward_false(tmp_path_factory, d
     check_fsdp2_sharded(results)
     check_step(results)
     check_same_as_ddp(results, ddp_run)
+
+
+def test_fsdp2_ranks_with_and_without_teacher_rows_stay_in_step(tmp_path_factory):
+    """Rank 1 has no teacher row and rank 0 two (one per teacher chunk): every FSDP collective must still pair up."""
+    results = _train(tmp_path_factory, "fsdp2-asymmetric")
+    check_fsdp2_sharded(results)
+    r0, r1 = results
+    assert r0["self_distillation_mask"] == [1.0, 1.0] and r1["self_distillation_mask"] == [0.0, 0.0]
+    assert all(len(r["losses"]) == 1 and math.isfinite(r["losses"][0]) for r in results)
+    assert r0["losses"][0] > 0 and r1["losses"][0] == 0.0
+    t0, t1 = r0["tensors"], r1["tensors"]
+    assert torch.equal(t0["student_after"], t1["student_after"]) and torch.equal(
+        t0["teacher_after"], t1["teacher_after"]
+    )
+    assert (t0["student_after"] - t0["student_before"]).abs().max() > 0  # rank 0's loss reached both ranks

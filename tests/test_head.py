@@ -135,11 +135,31 @@ def test_outputs_are_fp32_and_teacher_gets_no_gradient():
     assert not out.teacher_logprob.requires_grad
 
 
-def test_zero_rows_and_unused_outputs():
+@pytest.mark.parametrize("backend", ["naive", "torch", "triton"])
+@pytest.mark.parametrize("topk", [4, None])
+def test_zero_rows(backend, topk):
+    # the trainer calls the head with N = 0 for every micro-batch without a scored token
     h_s, w_s, h_t, w_t, y = make_inputs(0, 8, 40, dtype=torch.float32)
     hs = h_s.requires_grad_(True)
-    out = sdpo_head(hs, w_s, h_t, w_t, y, topk=4, backend="torch")
-    assert out.divergence.shape == (0,)
+    ws = w_s.clone().requires_grad_(True)
+    out = sdpo_head(hs, ws, h_t, w_t, y, topk=topk, backend=backend)
+    assert out.divergence.shape == out.student_logprob.shape == (0,)
+    (out.divergence.sum() + 0.0 * ws.sum()).backward()
+    assert ws.grad is not None and torch.count_nonzero(ws.grad) == 0
+
+
+def test_head_ignores_an_enclosing_autocast():
+    # The trainer runs the head inside the model's forward under `accelerator.autocast()` (bf16 by default).
+    h_s, w_s, h_t, w_t, y = make_inputs(17, 32, 257, dtype=torch.float32)
+    for backend in ("naive", "torch"):
+        plain = sdpo_head(h_s, w_s, h_t, w_t, y, topk=10, backend=backend)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast = sdpo_head(h_s, w_s, h_t, w_t, y, topk=10, backend=backend)
+        for a, b in zip(plain, autocast):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_unused_outputs():
     h_s, w_s, h_t, w_t, y = make_inputs(6, 8, 40, dtype=torch.float64)
     hs = h_s.requires_grad_(True)
     out = sdpo_head(hs, w_s, h_t, w_t, y, topk=4, backend="torch")

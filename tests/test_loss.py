@@ -253,6 +253,9 @@ def test_agg_loss_denominator_override():
     assert agg_loss(
         per_token, mask, "seq-mean-token-sum-norm", denominator=2.0, response_width=10
     ).item() == pytest.approx(7 / 20)
+    # a normaliser below 1 is legitimate (one active sequence shared by two processes): it must not be clamped
+    seq_means = (1 + 2) / 2 + 4 / 1
+    assert agg_loss(per_token, mask, "seq-mean-token-mean", denominator=0.5).item() == pytest.approx(seq_means / 0.5)
 
 
 # ------------------------------------------------------------------ gradients

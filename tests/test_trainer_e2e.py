@@ -573,3 +573,77 @@ def test_head_backends_agree_inside_the_trainer(tmp_path, backend):
     loss_b, grad_b = _loss_and_grad(other, inputs)
     torch.testing.assert_close(loss_a, loss_b, rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(grad_a, grad_b, rtol=1e-3, atol=1e-6)
+
+
+# ------------------------------------------------------------------ review regressions
+
+
+def test_bf16_autocast_default_keeps_the_head_in_fp32(tmp_path, monkeypatch):
+    """TRL's GRPOConfig defaults to bf16: the head must still accumulate in fp32 inside the autocast forward."""
+    trainer = make_trainer(tmp_path, bf16=True, sdpo=SDPOConfig(distillation_topk=10))
+    inputs = first_batch(trainer)
+    captured = {}
+    real = trainer_module.sdpo_head
+
+    def spy(*a, **k):
+        captured["a"], captured["out"] = [t.detach().clone() for t in a], real(*a, **k)
+        return captured["out"]
+
+    monkeypatch.setattr(trainer_module, "sdpo_head", spy)
+    trainer.compute_loss(trainer.model, inputs)
+    h_s, w_s, h_t, w_t, y = captured["a"]
+    div, _, _ = oracle_head(h_s, w_s, h_t, w_t, y, topk=10, add_tail=True, alpha=0.5, temperature=trainer.temperature)
+    torch.testing.assert_close(captured["out"].divergence.double(), div, rtol=1e-4, atol=1e-6)
+
+
+def _lora_trainer(tmp_path, **lora_kwargs):
+    peft = pytest.importorskip("peft")
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], **lora_kwargs)
+    return make_trainer(tmp_path, peft_config=lora, sdpo=SDPOConfig(distillation_topk=10))
+
+
+def test_lora_teacher_runs_without_dropout(tmp_path):
+    trainer = _lora_trainer(tmp_path, lora_dropout=0.5)
+    inputs = first_batch(trainer)
+    trainer.model.train()
+    mask = inputs["completion_mask"].bool() & (inputs["self_distillation_mask"] > 0).unsqueeze(1)
+    first = trainer._teacher_states(trainer.model, inputs, mask)[0]
+    second = trainer._teacher_states(trainer.model, inputs, mask)[0]
+    assert torch.equal(first, second) and trainer.model.training  # deterministic, and the mode is restored
+
+
+def test_lora_teacher_uses_its_own_lm_head_copy(tmp_path):
+    trainer = _lora_trainer(tmp_path, lora_dropout=0.0, modules_to_save=["lm_head"])
+    student = trainer.model.get_output_embeddings().weight
+    teacher = trainer._teacher_weight(trainer.model)
+    torch.testing.assert_close(teacher, student.detach())  # a copy of the student's at the start …
+    with torch.no_grad():
+        for name, p in trainer.model.named_parameters():
+            if "modules_to_save.sdpo_teacher" in name:
+                p.mul_(3.0)
+    torch.testing.assert_close(trainer._teacher_weight(trainer.model), 3 * student.detach())  # … but its own
+
+
+def test_logit_scaling_of_every_kind_is_applied():
+    from types import SimpleNamespace
+
+    from sdpo_fast.trainer import _logit_scale
+
+    def fake(**fields):
+        config = SimpleNamespace(model_type=fields.pop("model_type", "x"), **fields)
+        config.get_text_config = lambda: config
+        return SimpleNamespace(config=config)
+
+    assert _logit_scale(fake()) == 1.0
+    assert _logit_scale(fake(logit_scale=0.0625)) == 0.0625
+    assert _logit_scale(fake(lm_head_multiplier=2.5)) == 2.5
+    assert _logit_scale(fake(logits_scaling=8.0)) == 0.125  # Granite, MiniCPM3 divide
+    assert _logit_scale(fake(logits_scaling=8.0, model_type="hyperclovax")) == 8.0
+
+
+def test_image_datasets_are_refused(tmp_path):
+    from datasets import Dataset
+
+    ds = Dataset.from_dict({"prompt": [[{"role": "user", "content": "q"}]] * 4, "image": [None] * 4})
+    with pytest.raises(NotImplementedError, match="text-only"):
+        make_trainer(tmp_path, dataset=ds)

@@ -4,7 +4,9 @@ Launched by `tests/test_distributed.py` as
 
     python -m torch.distributed.run --nproc_per_node 2 ... tests/distributed/train_step.py MODE OUT_DIR
 
-with MODE one of `ddp`, `fsdp2` or `fsdp2-shard-grad-op` (FSDP2 with `reshard_after_forward=False`).
+with MODE one of `ddp`, `fsdp2`, `fsdp2-shard-grad-op` (FSDP2 with `reshard_after_forward=False`) or
+`fsdp2-asymmetric` (only rank 0 has teacher rows: feedback on rank 0, no success anywhere, one teacher
+row per chunk — the ranks must still issue the same FSDP collectives).
 
 Layout: one prompt, `num_generations=4`, `per_device_train_batch_size=2`, so rank 0 holds generations
 0–1 and rank 1 holds generations 2–3 of the same group. Only rank 1's completions are rewarded, so
@@ -47,13 +49,19 @@ def _force_fsdp_on_cpu() -> None:
 
 
 EMA_RATE = 0.25
-MODES = ("ddp", "fsdp2", "fsdp2-shard-grad-op")
+MODES = ("ddp", "fsdp2", "fsdp2-shard-grad-op", "fsdp2-asymmetric")
 
 
 def rank1_succeeds(completions, **kwargs):
     """Reward 1 for every completion generated on rank 1, 0 on rank 0 (reward functions see local samples)."""
     score = 1.0 if int(os.environ["RANK"]) == 1 else 0.0
     return [score] * len(completions)
+
+
+def rank0_feedback(completions, **kwargs):
+    """No success anywhere; feedback only on rank 0, so only rank 0's samples have a teacher."""
+    feedback = "the answer is five" if int(os.environ["RANK"]) == 0 else None
+    return [{"score": 0.0, "feedback": feedback}] * len(completions)
 
 
 def full(p: torch.Tensor) -> torch.Tensor:
@@ -120,10 +128,12 @@ def main(mode: str, out_dir: Path) -> None:
         disable_tqdm=True,
         **distributed,
     )
-    sdpo = SDPOConfig(distillation_topk=10, teacher_update_rate=EMA_RATE)
-    trainer = SDPOTrainer(
-        model, rank1_succeeds, args=args, sdpo_config=sdpo, train_dataset=dataset, processing_class=tok
+    asymmetric = mode == "fsdp2-asymmetric"
+    sdpo = SDPOConfig(
+        distillation_topk=10, teacher_update_rate=EMA_RATE, teacher_micro_batch_size=1 if asymmetric else None
     )
+    reward = rank0_feedback if asymmetric else rank1_succeeds
+    trainer = SDPOTrainer(model, reward, args=args, sdpo_config=sdpo, train_dataset=dataset, processing_class=tok)
 
     generated, losses = [], []
     generate = trainer._generate_and_score_completions

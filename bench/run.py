@@ -191,7 +191,7 @@ def check_head(runner: Runner, cases: list[sw.HeadCase], topks: list[int], info:
     """Correctness first: every variant against the naive oracle at the first shape, few tokens."""
     first = cases[0]
     impls = {impl for impl, _ in (v for c in cases for v in c.variants)} - {"naive"}
-    variants = [(i, None) if i in sw.FULL_VOCAB_IMPLS else (i, k) for i in sw.HEAD_IMPLS if i in impls for k in topks]
+    variants = [(i, None) if i in sw.K_FREE_IMPLS else (i, k) for i in sw.HEAD_IMPLS if i in impls for k in topks]
     variants = list(dict.fromkeys((i, k) for i, k in variants if k is None or k <= first.vocab))
     job = dict(
         kind="check",
@@ -210,6 +210,8 @@ def check_head(runner: Runner, cases: list[sw.HeadCase], topks: list[int], info:
     for v in result.get("variants", []):
         checks[(v["impl"], v["topk"])] = v
         what = "full-vocabulary JSD vs naive topk=None" if v["topk"] is None else f"K={v['topk']} vs naive"
+        if v["impl"] in sw.LSE_IMPLS:
+            what = "cross-entropy vs full-logit cross-entropy"
         ties = f", {v['tie_rows']} top-K tie rows left out" if v.get("tie_rows") else ""
         if v["ok"]:
             runner.say(

@@ -21,11 +21,16 @@ MODEL_SHAPES = {
     "cpu-h256": (256, 151936),
 }
 
-HEAD_IMPLS = ("naive", "trl-chunked", "liger-jsd", "sdpo_fast-torch", "sdpo_fast-triton")
+HEAD_IMPLS = ("naive", "trl-chunked", "liger-jsd", "sdpo_fast-torch", "sdpo_fast-triton", "lse-triton")
 STEP_IMPLS = ("sdpo_fast", "grpo", "trl-sdpo-topk", "trl-sdpo-sampled")
 # These compute the exact full-vocabulary JSD, a different quantity from top-K + tail: their
 # records carry topk=None and they are checked against `sdpo_head(..., topk=None)`.
 FULL_VOCAB_IMPLS = ("trl-chunked", "liger-jsd")
+# A reference floor, not a competitor: a plain fused logsumexp head (the sampled token's cross-entropy
+# plus the teacher's logsumexp pass) on our own Triton kernels, with no top-K, gather or divergence.
+# It is independent of K (measured once, topk=None) and checked against a full-logit cross-entropy.
+LSE_IMPLS = ("lse-triton",)
+K_FREE_IMPLS = FULL_VOCAB_IMPLS + LSE_IMPLS
 ALPHA = 0.5  # the reference's JSD; every head implementation gets the same alpha
 
 # Dense bf16 tensor-core peaks in TFLOP/s (kernel_anchors.md §4.3), matched against the device name.
@@ -48,6 +53,7 @@ HEAD_IMPORTS = {
     "sdpo_fast-triton": ["torch", "sdpo_fast", "triton"],
     "trl-chunked": ["torch", "sdpo_fast", "trl.kernels.chunked_divergence"],
     "liger-jsd": ["torch", "sdpo_fast", "liger_kernel.transformers.fused_linear_jsd"],
+    "lse-triton": ["torch", "sdpo_fast", "triton"],
 }
 
 # The peer setup of peer_measurements.md §2: Qwen2 hidden 128, 2 layers, real vocabulary,
@@ -104,7 +110,7 @@ def parse_shape(name: str) -> tuple[str, int, int]:
 
 def skip_reason(impl: str, device: str) -> str | None:
     """Why an optional competitor or backend cannot run here (None when it can)."""
-    if impl == "sdpo_fast-triton":
+    if impl in ("sdpo_fast-triton", "lse-triton"):
         if device != "cuda":
             return "skipped: backend='triton' needs a CUDA GPU (never run under the Triton interpreter here)"
         if importlib.util.find_spec("triton") is None:
@@ -151,7 +157,7 @@ def head_cases(sweep: Sweep, impls: list[str], device: str) -> tuple[list[HeadCa
                 if k_pos > 0 and allowed is not None and n not in allowed:
                     continue  # extra K values only where the sweep asks for them
                 for impl in runnable:
-                    if impl in FULL_VOCAB_IMPLS:
+                    if impl in K_FREE_IMPLS:
                         if k_pos == 0:
                             variants.append((impl, None))  # independent of K: measured once
                     elif k <= vocab:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
@@ -115,7 +116,7 @@ def test_report_re_renders_an_earlier_run(tiny_run, tmp_path):
 @pytest.fixture
 def bench_modules():
     """Import bench/run.py and its siblings (plain scripts, not a package), then forget them again."""
-    names = ("run", "sweep", "report", "worker")
+    names = ("run", "sweep", "report", "worker", "head_bench")
     saved = {n: sys.modules.pop(n) for n in names if n in sys.modules}
     sys.path.insert(0, str(BENCH))
     try:
@@ -181,6 +182,18 @@ def test_default_cpu_sweep_contains_the_goal_configuration(bench_modules):
     goal = next(c for c in cases if (c.hidden, c.vocab, c.tokens) == (256, 151936, 2048))
     assert {("naive", 100), ("sdpo_fast-torch", 100), ("trl-chunked", None)} <= set(goal.variants)
     assert sum(1 for impl, _ in goal.variants if impl == "trl-chunked") == 1  # independent of K
-    assert {impl for impl, _ in skipped} == {"liger-jsd", "sdpo_fast-triton"}
-    assert all(impl not in ("liger-jsd", "sdpo_fast-triton") for c in cases for impl, _ in c.variants)
+    gpu_only = {"liger-jsd", "sdpo_fast-triton", "lse-triton"}
+    assert {impl for impl, _ in skipped} == gpu_only
+    assert all(impl not in gpu_only for c in cases for impl, _ in c.variants)
     assert "trl.kernels.chunked_divergence" in goal.imports  # the baseline imports what the impls import
+
+
+def test_lse_floor_matches_a_full_logit_cross_entropy(bench_modules):
+    """`lse-triton` (the floor the GPU head is measured against) is checked here under the interpreter."""
+    hb = bench_modules["head_bench"]
+    x = hb.make_inputs(9, 16, 300, "float32", "cpu")
+    got = hb._loss_and_grads(hb._lse_triton, x, None, 0.5, None)
+    ref = hb._loss_and_grads(hb.cross_entropy_oracle, x, None, 0.5, None)
+    assert abs(got[0] - ref[0]) <= 1e-5 * abs(ref[0])
+    for a, b in zip(got[1:], ref[1:]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -16,7 +16,20 @@ pytestmark = [
 ]
 
 
-def test_liger_patched_model_trains_with_sdpo(tmp_path):
+@pytest.fixture
+def unpatch_qwen2_afterwards():
+    """Liger patches the module `transformers.models.qwen2.modeling_qwen2` in place: undo it for later tests."""
+    import transformers.models.qwen2.modeling_qwen2 as module
+
+    saved = dict(vars(module))
+    yield
+    for name in set(vars(module)) - set(saved):
+        delattr(module, name)
+    for name, value in saved.items():
+        setattr(module, name, value)
+
+
+def test_liger_patched_model_trains_with_sdpo(tmp_path, unpatch_qwen2_afterwards):
     from liger_kernel.transformers import apply_liger_kernel_to_qwen2
     from tiny_setup import chat_dataset, grpo_args, half_success, tokenizer
     from transformers import Qwen2ForCausalLM

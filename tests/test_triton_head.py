@@ -20,6 +20,7 @@ pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
     reason="needs CUDA or TRITON_INTERPRET=1 (set by tests/conftest.py on CPU machines)",
 )
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter runs on CPU tensors
 FP32_TOL = 1e-4  # fp32 conditioning of the tail bucket: the naive fp32 path is off by as much
 
 
@@ -59,8 +60,8 @@ def test_half_precision_inputs(dtype):
 
 
 def test_backends_agree_with_each_other():
-    h_s, w_s, h_t, w_t, y = make_inputs(11, 16, 200, seed=5, dtype=torch.float32)
-    outs = {b: sdpo_head(h_s, w_s, h_t, w_t, y, topk=12, backend=b) for b in ("naive", "torch", "triton")}
+    inputs = [t.to(DEV) for t in make_inputs(11, 16, 200, seed=5, dtype=torch.float32)]
+    outs = {b: sdpo_head(*inputs, topk=12, backend=b) for b in ("naive", "torch", "triton")}
     for b in ("torch", "triton"):
         for a, ref in zip(outs[b], outs["naive"]):
             torch.testing.assert_close(a, ref, rtol=1e-4, atol=1e-5)
@@ -70,20 +71,23 @@ def test_ties_prefer_the_lower_vocabulary_id():
     from sdpo_fast.kernels.function import HeadOptions
     from sdpo_fast.kernels.triton_head import TritonTiles
 
-    h = torch.ones(2, 16)
-    w = torch.zeros(80, 16)
+    h = torch.ones(2, 16, device=DEV)
+    w = torch.zeros(80, 16, device=DEV)
     w[[3, 40, 70, 11]] = 1.0  # four tied maxima
-    stats = TritonTiles().student_stats(h, w, torch.zeros(2, dtype=torch.long), HeadOptions(3, True, 0.5, 1.0, 2**20))
+    y = torch.zeros(2, dtype=torch.long, device=DEV)
+    stats = TritonTiles().student_stats(h, w, y, HeadOptions(3, True, 0.5, 1.0, 2**20))
     assert stats.top_idx.tolist() == [[3, 11, 40], [3, 11, 40]]
 
 
 def test_float64_is_refused_with_the_fix():
-    h_s, w_s, h_t, w_t, y = make_inputs(3, 8, 40, dtype=torch.float64)
+    inputs = [t.to(DEV) for t in make_inputs(3, 8, 40, dtype=torch.float64)]
     with pytest.raises(TypeError, match="backend='torch'"):
-        sdpo_head(h_s, w_s, h_t, w_t, y, topk=4, backend="triton")
+        sdpo_head(*inputs, topk=4, backend="triton")
 
 
-@settings(max_examples=60, deadline=None)
+# On a GPU every new (K, alignment) combination compiles the kernels for each autotune configuration
+# (tens of seconds each): fewer examples there. The CPU interpreter compiles nothing.
+@settings(max_examples=60 if DEV == "cpu" else 12, deadline=None)
 @given(
     n=st.integers(1, 12),
     h=st.integers(1, 20),

@@ -34,6 +34,7 @@ class CompileResult:
     max_shared: int
     registers: int | None
     spill_bytes: int | None
+    tensor_core_ops: int = 0  # mma / wgmma instructions in the PTX: 0 means tl.dot became CUDA-core FMAs
     error: str | None = None
 
     @property
@@ -205,10 +206,22 @@ def compile_one(kernel: str, arch: int, config, variant: dict, dtype: str) -> Co
         )
     except Exception as err:  # report, do not hide: the test asserts there are none
         return CompileResult(
-            kernel, arch, dtype, label, vlabel, 0, MAX_SHARED[arch], None, None, f"{type(err).__name__}: {err}"[:500]
+            kernel,
+            arch,
+            dtype,
+            label,
+            vlabel,
+            0,
+            MAX_SHARED[arch],
+            None,
+            None,
+            error=f"{type(err).__name__}: {err}"[:500],
         )
     regs, spill = _resource_usage(compiled.asm["cubin"])
-    return CompileResult(kernel, arch, dtype, label, vlabel, compiled.metadata.shared, MAX_SHARED[arch], regs, spill)
+    mma = len(re.findall(r"\bmma\.sync|\bwgmma\.mma_async", compiled.asm["ptx"]))
+    return CompileResult(
+        kernel, arch, dtype, label, vlabel, compiled.metadata.shared, MAX_SHARED[arch], regs, spill, mma
+    )
 
 
 def _jobs(archs, kernels) -> list[tuple]:
@@ -255,12 +268,19 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     results = compile_all(args.arch, args.kernel, args.jobs)
     print(
-        f"{'kernel':7} {'sm':>3} {'dtype':5} {'variant':22} {'config':50} {'shared':>9} {'regs':>5} {'spill':>5}  status"
+        f"{'kernel':7} {'sm':>3} {'dtype':5} {'variant':22} {'config':50} {'shared':>9} {'regs':>5} {'spill':>5} "
+        f"{'mma':>4}  status"
     )
     for r in results:
         status = "ok" if r.fits else f"FAIL {r.error or 'shared memory'}"
         print(
-            f"{r.kernel:7} {r.arch:>3} {r.dtype:5} {r.variant:22} {r.config:50} {r.shared:>9} {r.registers!s:>5} {r.spill_bytes!s:>5}  {status}"
+            f"{r.kernel:7} {r.arch:>3} {r.dtype:5} {r.variant:22} {r.config:50} {r.shared:>9} {r.registers!s:>5} "
+            f"{r.spill_bytes!s:>5} {r.tensor_core_ops:>4}  {status}"
+        )
+    if any(r.arch < 80 and r.kernel != "gather" and not r.tensor_core_ops for r in results):
+        print(
+            "\nNote: this Triton compiles tl.dot to CUDA-core FMAs before sm_80 (no tensor cores on a T4; "
+            "Triton >= 3.3, triton-lang/triton#5066). backend='auto' picks the torch backend (cuBLAS) there."
         )
     if args.json:
         with open(args.json, "w") as f:

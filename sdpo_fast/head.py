@@ -11,7 +11,8 @@ gathered at those ids with its own full-vocabulary normaliser. Backends:
 - `naive`:  full (N, V) logits in PyTorch; the oracle and benchmark baseline.
 - `torch`:  chunked PyTorch (`sdpo_fast.kernels.chunked`), scratch bounded by `memory_budget_mb`.
 - `triton`: fused Triton kernels (`sdpo_fast.kernels.triton_*`); CUDA, or the Triton interpreter.
-- `auto`:   `triton` on CUDA when Triton is available, `torch` elsewhere.
+- `auto`:   `triton` on CUDA when Triton is available and compiles `tl.dot` to tensor cores there
+            (sm_80+; before sm_80 only Triton ≤ 3.2 does), `torch` elsewhere.
 """
 
 from __future__ import annotations
@@ -43,6 +44,23 @@ def triton_available() -> bool:
     return True
 
 
+def triton_has_tensor_cores(capability: tuple[int, int], triton_version: str | None = None) -> bool:
+    """Whether Triton's `tl.dot` runs on tensor cores on a GPU of this compute capability.
+
+    Triton 3.3 dropped tensor-core code generation before Ampere (triton-lang/triton#5066): on a T4
+    (sm_75) every `tl.dot` becomes CUDA-core FMAs, about 8× below cuBLAS's fp16 tensor cores, which
+    the torch backend's chunk GEMMs use. `tests/test_triton_compile.py` checks this in the PTX.
+    """
+    if capability >= (8, 0):
+        return True
+    if triton_version is None:
+        import triton
+
+        triton_version = triton.__version__
+    major, minor = (int(part) for part in triton_version.split(".")[:2])
+    return (major, minor) < (3, 3)
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -52,7 +70,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"Unknown backend={backend!r}. Choose one of {', '.join(map(repr, BACKENDS))}.")
     if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
+        if device.type != "cuda" or not triton_available():
+            return "torch"
+        return "triton" if triton_has_tensor_cores(torch.cuda.get_device_capability(device)) else "torch"
     if backend == "triton":
         if not triton_available():
             raise RuntimeError("backend='triton' needs the `triton` package (Linux). Use backend='torch' elsewhere.")

@@ -705,7 +705,7 @@ class _SDPOTrainerMixin:
                 add_tail=sdpo.distillation_add_tail,
                 alpha=sdpo.distillation_alpha,
                 temperature=temperature,
-                backend=self.sdpo_backend,  # resolved at init (auto: triton on CUDA unless K > 256, else torch)
+                backend=self.sdpo_backend,  # resolved at init (auto: triton on sm_80+ CUDA unless K > 256, else torch)
                 memory_budget_mb=sdpo.distillation_memory_budget_mb,
             )
             outputs = {}

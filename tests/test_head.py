@@ -214,6 +214,20 @@ def test_bad_shapes_are_clear_errors():
         sdpo_head(h_s, w_s, h_t, w_t, y.float(), topk=4)
 
 
+def test_auto_picks_torch_where_triton_has_no_tensor_cores(monkeypatch):
+    import sdpo_fast.head as head
+
+    assert head.triton_has_tensor_cores((9, 0), "3.9.0") and head.triton_has_tensor_cores((8, 0), "3.3.0")
+    assert head.triton_has_tensor_cores((7, 5), "3.2.0")  # Triton ≤ 3.2 still used Turing's mma
+    assert not head.triton_has_tensor_cores((7, 5), "3.3.1") and not head.triton_has_tensor_cores((7, 5), "3.10.0")
+    monkeypatch.setattr(head, "triton_available", lambda: True)
+    monkeypatch.setattr(head, "triton_has_tensor_cores", lambda capability: capability >= (8, 0))
+    for capability, expected in (((7, 5), "torch"), ((8, 6), "triton"), ((9, 0), "triton")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert resolve_backend("auto", torch.device("cuda")) == expected
+    assert resolve_backend("triton", torch.device("cuda")) == "triton"  # asked for explicitly: still runs
+
+
 def test_auto_backend_and_triton_on_cpu_error(monkeypatch):
     assert resolve_backend("auto", torch.device("cpu")) == "torch"
     monkeypatch.setenv("TRITON_INTERPRET", "0")

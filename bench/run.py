@@ -272,6 +272,8 @@ def _head_record(case: sw.HeadCase, v: dict, info: dict, dtype: str) -> dict:
         if v.get(key) is not None:
             rec[key] = v[key]
     rec["quantity"] = "full-vocabulary JSD" if v["topk"] is None else f"top-{v['topk']} + tail JSD"
+    if v["impl"] in sw.LSE_IMPLS:
+        rec["quantity"] = "cross-entropy + teacher logsumexp (a floor, not an SDPO head)"
     add_throughput(rec, info)
     return rec
 

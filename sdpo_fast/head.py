@@ -18,6 +18,7 @@ gathered at those ids with its own full-vocabulary normaliser. Backends:
 from __future__ import annotations
 
 import os
+import re
 from typing import NamedTuple
 
 import torch
@@ -57,8 +58,8 @@ def triton_has_tensor_cores(capability: tuple[int, int], triton_version: str | N
         import triton
 
         triton_version = triton.__version__
-    major, minor = (int(part) for part in triton_version.split(".")[:2])
-    return (major, minor) < (3, 3)
+    release = re.match(r"(\d+)\.(\d+)", triton_version)
+    return release is not None and (int(release[1]), int(release[2])) < (3, 3)
 
 
 def _interpreting() -> bool:

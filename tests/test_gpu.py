@@ -15,7 +15,7 @@ from oracle import oracle_head
 from sdpo_fast import SDPOConfig, sdpo_head
 from sdpo_fast.head import triton_has_tensor_cores
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
 def _inputs(n, hidden, vocab, dtype, seed=0):
@@ -109,9 +109,10 @@ def test_triton_peak_memory_is_far_below_one_full_logit_copy():
     sdpo_head(h_s, w_s, h_t, w_t, y, topk=100, backend="triton").divergence.mean().backward()
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
-    one_logit_copy = n * vocab * 4
-    # the 256 MiB tile budget, dW in fp32 chunks and bf16, dh: well under a tenth of one (N, V) copy
-    assert extra < one_logit_copy / 10, f"{extra / 2**20:.0f} MiB extra"
+    # The goal: ≥ 10× below naive, which holds at least the student's and the teacher's (N, V) fp32 logits.
+    # Ours: the 256 MiB tile budget, dW (bf16, plus an fp32 chunk), dh, and the (N, splits·KP) top-K keys.
+    naive_floor = 2 * n * vocab * 4
+    assert extra < naive_floor / 10, f"{extra / 2**20:.0f} MiB extra"
     assert torch.isfinite(w_s.grad.float()).all()
 
 

@@ -220,6 +220,7 @@ def test_auto_picks_torch_where_triton_has_no_tensor_cores(monkeypatch):
     assert head.triton_has_tensor_cores((9, 0), "3.9.0") and head.triton_has_tensor_cores((8, 0), "3.3.0")
     assert head.triton_has_tensor_cores((7, 5), "3.2.0")  # Triton ≤ 3.2 still used Turing's mma
     assert not head.triton_has_tensor_cores((7, 5), "3.3.1") and not head.triton_has_tensor_cores((7, 5), "3.10.0")
+    assert not head.triton_has_tensor_cores((7, 5), "3.5+git1a2b") and head.triton_has_tensor_cores((7, 5), "3.2.0+rc1")
     monkeypatch.setattr(head, "triton_available", lambda: True)
     monkeypatch.setattr(head, "triton_has_tensor_cores", lambda capability: capability >= (8, 0))
     for capability, expected in (((7, 5), "torch"), ((8, 6), "triton"), ((9, 0), "triton")):

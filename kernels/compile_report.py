@@ -66,6 +66,7 @@ def _signature(kernel: str, dtype: str, variant: dict) -> tuple[dict, dict]:
             stride_wk=i32,
             inv_temp=f32,
             n_bucket=i32,
+            k_real=i32,
         )
         const = dict(KP=variant["KP"], DO_TOPK=variant["DO_TOPK"], PRECISION="tf32")
     elif kernel == "gather":

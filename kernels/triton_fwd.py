@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 INT64_MIN = tl.constexpr(-9223372036854775807 - 1)
+INT64_MAX = tl.constexpr(9223372036854775807)
 
 
 @triton.jit
@@ -42,7 +43,7 @@ def _insert_candidates(best, keys, col_ok, KP: tl.constexpr):
     to the tile's matmul, and it compiles to a few hundred instructions instead of a sort network.
     """
     slots = tl.arange(0, KP)
-    threshold = tl.min(best, axis=1)
+    threshold = tl.min(best, axis=1)  # the K-th largest key so far (padding slots hold +∞)
     cand = tl.where(col_ok[None, :] & (keys > threshold[:, None]), keys, INT64_MIN)
     top = tl.max(cand, axis=1)
     while tl.max((top > threshold).to(tl.int32), axis=0) > 0:
@@ -86,6 +87,7 @@ def stream_stats_kernel(
     h_ptr, w_ptr, y_ptr, max_ptr, sum_ptr, target_ptr, keys_ptr, n_rows, vocab, hidden, cols_per_split, n_splits,
     stride_hn, stride_hk, stride_wv, stride_wk,
     inv_temp, n_bucket,  # n_bucket: the power-of-two row count, only an autotuning key
+    k_real,  # K ≤ KP: the KP − K padding slots hold +∞ keys, so the set's minimum is the K-th largest key so far
     KP: tl.constexpr, DO_TOPK: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
@@ -100,7 +102,10 @@ def stream_stats_kernel(
     run_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     run_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     target = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    best = tl.full((BLOCK_M, KP), INT64_MIN, dtype=tl.int64)  # an unordered set of the KP largest keys so far
+    # An unordered set of the K largest keys so far. Pinning the padding slots at +∞ (never the minimum, never
+    # replaced) makes the insertion threshold the K-th largest key rather than the KP-th: fewer insertions.
+    slots = tl.arange(0, KP)
+    best = tl.where(slots[None, :] < k_real, INT64_MIN, INT64_MAX) + tl.zeros((BLOCK_M, KP), dtype=tl.int64)
     for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_ok = cols < v_end
@@ -121,8 +126,8 @@ def stream_stats_kernel(
     tl.store(sum_ptr + out, run_sum, mask=row_ok)
     tl.store(target_ptr + rows, target, mask=row_ok & (y >= v_start) & (y < v_end))
     if DO_TOPK:
-        k = tl.arange(0, KP)
-        tl.store(keys_ptr + out.to(tl.int64)[:, None] * KP + k[None, :], best, mask=row_ok[:, None])
+        padded = tl.where(slots[None, :] < k_real, best, INT64_MIN)  # padding never reaches the merge
+        tl.store(keys_ptr + out.to(tl.int64)[:, None] * KP + slots[None, :], padded, mask=row_ok[:, None])
 
 
 @triton.jit

@@ -194,6 +194,7 @@ class TritonTiles(TileOps):
             weight.stride(1),
             opts.inv_temp,
             _bucket(n),
+            topk or 1,
             KP=kp,
             DO_TOPK=bool(topk),
             PRECISION=_precision(h.dtype),

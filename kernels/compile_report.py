@@ -42,116 +42,32 @@ class CompileResult:
         return self.error is None and self.shared <= self.max_shared
 
 
+# Argument types by name, as the launchers in triton_head.py pass them: hidden states and weights in
+# the model's dtype, ids and top-K keys in int64, every other buffer (statistics, the dz tile) in fp32.
+_MODEL_DTYPE_PTRS = {"h_ptr", "w_ptr", "hs_ptr", "ws_ptr", "ht_ptr", "wt_ptr"}
+_INT64_PTRS = {"y_ptr", "idx_ptr", "keys_ptr"}
+_FLOAT_SCALARS = {"inv_temp", "alpha", "log_one_minus_alpha", "log_alpha"}
+
+
+def _arg_type(name: str, dtype: str) -> str:
+    if name in _MODEL_DTYPE_PTRS:
+        return f"*{dtype}"
+    if name in _INT64_PTRS:
+        return "*i64"
+    if name.endswith("_ptr"):
+        return "*fp32"
+    return "fp32" if name in _FLOAT_SCALARS else "i32"
+
+
 def _signature(kernel: str, dtype: str, variant: dict) -> tuple[dict, dict]:
-    """Triton signature and constexprs for one specialisation, as the launchers use it."""
-    d = f"*{dtype}"
-    i32, f32 = "i32", "fp32"
-    if kernel == "stats":
-        sig = dict(
-            h_ptr=d,
-            w_ptr=d,
-            y_ptr="*i64",
-            max_ptr="*fp32",
-            sum_ptr="*fp32",
-            target_ptr="*fp32",
-            keys_ptr="*i64",
-            n_rows=i32,
-            vocab=i32,
-            hidden=i32,
-            cols_per_split=i32,
-            n_splits=i32,
-            stride_hn=i32,
-            stride_hk=i32,
-            stride_wv=i32,
-            stride_wk=i32,
-            inv_temp=f32,
-            n_bucket=i32,
-            k_real=i32,
-        )
-        const = dict(KP=variant["KP"], DO_TOPK=variant["DO_TOPK"], PRECISION="tf32")
-    elif kernel == "gather":
-        sig = dict(
-            h_ptr=d,
-            w_ptr=d,
-            idx_ptr="*i64",
-            out_ptr="*fp32",
-            hidden=i32,
-            k=i32,
-            stride_hn=i32,
-            stride_hk=i32,
-            stride_wv=i32,
-            stride_wk=i32,
-            inv_temp=f32,
-        )
-        const = {}
-    elif kernel == "full":
-        sig = dict(
-            hs_ptr=d,
-            ws_ptr=d,
-            ht_ptr=d,
-            wt_ptr=d,
-            lse_s_ptr="*fp32",
-            lse_t_ptr="*fp32",
-            div_ptr="*fp32",
-            part_ptr="*fp32",
-            n_rows=i32,
-            vocab=i32,
-            hidden_s=i32,
-            hidden_t=i32,
-            cols_per_split=i32,
-            n_splits=i32,
-            stride_hsn=i32,
-            stride_hsk=i32,
-            stride_wsv=i32,
-            stride_wsk=i32,
-            stride_htn=i32,
-            stride_htk=i32,
-            stride_wtv=i32,
-            stride_wtk=i32,
-            inv_temp=f32,
-            alpha=f32,
-            log_one_minus_alpha=f32,
-            log_alpha=f32,
-            n_bucket=i32,
-        )
-        const = dict(ALPHA_MODE=variant["ALPHA_MODE"], PRECISION="tf32")
-    elif kernel == "grad":
-        sig = dict(
-            hs_ptr=d,
-            ws_ptr=d,
-            lse_s_ptr="*fp32",
-            coef_ptr="*fp32",
-            out_ptr=d,
-            ht_ptr=d,
-            wt_ptr=d,
-            lse_t_ptr="*fp32",
-            gdiv_ptr="*fp32",
-            n_rows=i32,
-            v0=i32,
-            chunk_cols=i32,
-            vocab=i32,
-            hidden_s=i32,
-            hidden_t=i32,
-            stride_hsn=i32,
-            stride_hsk=i32,
-            stride_wsv=i32,
-            stride_wsk=i32,
-            stride_htn=i32,
-            stride_htk=i32,
-            stride_wtv=i32,
-            stride_wtk=i32,
-            stride_on=i32,
-            inv_temp=f32,
-            alpha=f32,
-            log_one_minus_alpha=f32,
-            log_alpha=f32,
-            n_bucket=i32,
-        )
-        const = dict(FULL=variant["FULL"], ALPHA_MODE=variant["ALPHA_MODE"], PRECISION="tf32")
-    else:
-        raise KeyError(kernel)
-    for name in const:
-        sig[name] = "constexpr"
+    """Triton signature and constexprs for one specialisation, read off the kernel's own parameters."""
+    from .triton_head import _KERNELS
+
+    params = _KERNELS[kernel].params
+    sig = {p.name: "constexpr" if p.is_constexpr else _arg_type(p.name, dtype) for p in params}
+    const = dict(variant)
+    if "PRECISION" in sig:
+        const["PRECISION"] = "tf32"
     return sig, const
 
 
@@ -191,10 +107,8 @@ def compile_one(kernel: str, arch: int, config, variant: dict, dtype: str) -> Co
     from .triton_head import _KERNELS
 
     fn = _KERNELS[kernel]
-    sig, const = _signature(kernel, dtype, variant)
+    sig, const = _signature(kernel, dtype, variant)  # every constexpr, block sizes included, is marked there
     const = {**const, **config.kwargs}
-    for name in config.kwargs:
-        sig[name] = "constexpr"
     label = (
         " ".join(f"{k}={v}" for k, v in config.kwargs.items()) + f" warps={config.num_warps} stages={config.num_stages}"
     )

@@ -66,13 +66,15 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The concrete backend `auto` stands for on `device`, or a clear error for an impossible choice."""
+def resolve_backend(backend: str, device: torch.device, topk: int | None = None) -> str:
+    """The concrete backend `auto` stands for on `device` at this K, or a clear error for an impossible choice."""
     if backend not in BACKENDS:
         raise ValueError(f"Unknown backend={backend!r}. Choose one of {', '.join(map(repr, BACKENDS))}.")
     if backend == "auto":
         if device.type != "cuda" or not triton_available():
             return "torch"
+        if topk is not None and topk > TRITON_MAX_TOPK:
+            return "torch"  # the Triton kernels keep the running top-K in registers: K ≤ 256
         return "triton" if triton_has_tensor_cores(torch.cuda.get_device_capability(device)) else "torch"
     if backend == "triton":
         if not triton_available():
@@ -177,10 +179,7 @@ def sdpo_head(
         fp64 inputs). Gradients flow to `student_hidden` and `student_weight` only.
     """
     _validate(student_hidden, student_weight, teacher_hidden, teacher_weight, target_ids, topk, alpha, temperature)
-    requested = backend
-    backend = resolve_backend(backend, student_hidden.device)
-    if backend == "triton" and requested == "auto" and topk is not None and topk > TRITON_MAX_TOPK:
-        backend = "torch"  # the Triton kernels keep the running top-K in registers: K ≤ 256
+    backend = resolve_backend(backend, student_hidden.device, topk)
     targets = target_ids.long()
     teacher_hidden, teacher_weight = teacher_hidden.detach(), teacher_weight.detach()
     inv_temp = 1.0 / float(temperature)

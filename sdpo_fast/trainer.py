@@ -35,7 +35,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOConfig, GRPOTrainer
 
 from .config import SDPOConfig
-from .head import TRITON_MAX_TOPK, resolve_backend, sdpo_head
+from .head import resolve_backend, sdpo_head
 from .loss import agg_loss, importance_ratio, token_level_surrogate
 from .reprompting import PromptCodec, build_teacher_contexts, group_key, question_text, tokenize_reprompt
 from .rewards import FeedbackStore, wrap_reward_function
@@ -310,13 +310,8 @@ class _SDPOTrainerMixin:
         unwrapped = self.model.get_base_model() if is_peft_model(self.model) else self.model
         _check_head_compatible(unwrapped, sdpo.distillation_topk)
         self._logit_scale = _logit_scale(unwrapped)
-        self.sdpo_backend = resolve_backend(sdpo.distillation_backend, self.accelerator.device)
-        if (
-            self.sdpo_backend == "triton"
-            and sdpo.distillation_backend == "auto"
-            and (sdpo.distillation_topk or 0) > TRITON_MAX_TOPK
-        ):
-            self.sdpo_backend = "torch"  # what `auto` does for K > 256, said here so that it is logged
+        # resolved once, so that the log and `sdpo/backend` say what runs (auto: torch for K > 256 too)
+        self.sdpo_backend = resolve_backend(sdpo.distillation_backend, self.accelerator.device, sdpo.distillation_topk)
         add_sdpo_forward(unwrapped)
         self._setup_teacher()
         logger.info("SDPO: teacher=%s, head backend=%s", self._teacher_kind, self.sdpo_backend)

@@ -227,6 +227,10 @@ def test_auto_picks_torch_where_triton_has_no_tensor_cores(monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
         assert resolve_backend("auto", torch.device("cuda")) == expected
     assert resolve_backend("triton", torch.device("cuda")) == "triton"  # asked for explicitly: still runs
+    # the Triton kernels hold the running top-K in registers (K ≤ 256): auto falls back to torch above that
+    assert resolve_backend("auto", torch.device("cuda"), topk=256) == "triton"
+    assert resolve_backend("auto", torch.device("cuda"), topk=257) == "torch"
+    assert resolve_backend("auto", torch.device("cuda"), topk=None) == "triton"
 
 
 def test_auto_backend_and_triton_on_cpu_error(monkeypatch):

@@ -31,10 +31,9 @@ def unpatch_qwen2_afterwards():
 
 def test_liger_patched_model_trains_with_sdpo(tmp_path, unpatch_qwen2_afterwards):
     from liger_kernel.transformers import apply_liger_kernel_to_qwen2
-    from tiny_setup import chat_dataset, grpo_args, half_success, tokenizer
+    from tiny_setup import make_trainer, tokenizer
     from transformers import Qwen2ForCausalLM
 
-    from sdpo_fast import SDPOConfig, SDPOTrainer
     from sdpo_fast.head import triton_has_tensor_cores
     from sdpo_fast.testing import tiny_qwen2
 
@@ -46,14 +45,7 @@ def test_liger_patched_model_trains_with_sdpo(tmp_path, unpatch_qwen2_afterwards
     model = tiny_qwen2(tok, hidden_size=64, intermediate_size=128).cuda()
     assert isinstance(model, Qwen2ForCausalLM)
     assert "Liger" in type(model.model.norm).__name__
-    trainer = SDPOTrainer(
-        model,
-        half_success,
-        args=grpo_args(tmp_path, use_cpu=False, max_steps=2),
-        sdpo_config=SDPOConfig(distillation_topk=10),
-        train_dataset=chat_dataset(),
-        processing_class=tok,
-    )
+    trainer = make_trainer(tmp_path, model_=model, use_cpu=False, max_steps=2)  # top-10, the chat dataset
     # auto: Triton where it uses tensor cores (sm_80+), the cuBLAS-backed torch head before (a T4)
     tensor_cores = triton_has_tensor_cores(torch.cuda.get_device_capability())
     assert trainer.sdpo_backend == ("triton" if tensor_cores else "torch")

@@ -12,6 +12,7 @@ from oracle import oracle_head
 from tiny_setup import (
     chat_dataset,
     first_batch,
+    grpo_args,
     half_success,
     half_success_with_feedback,
     make_trainer,
@@ -273,7 +274,6 @@ def test_ema_cadence_once_per_generation_batch(tmp_path):
 
 
 def test_enabled_false_equals_plain_grpo_exactly(tmp_path):
-    from tiny_setup import grpo_args
     from trl import GRPOTrainer
 
     sdpo = make_trainer(tmp_path / "a", sdpo=SDPOConfig(enabled=False), max_steps=2)
@@ -445,7 +445,7 @@ def test_dataset_and_config_errors_at_construction(tmp_path):
         SDPOTrainer(
             model(),
             half_success,
-            args=make_trainer.__globals__["grpo_args"](tmp_path),
+            args=grpo_args(tmp_path),
             train_dataset=chat_dataset(),
             processing_class=tok,
         )
@@ -456,7 +456,6 @@ def test_dataset_and_config_errors_at_construction(tmp_path):
 
 
 def test_positional_train_dataset_like_grpo_trainer(tmp_path):
-    from tiny_setup import grpo_args
 
     trainer = SDPOTrainer(model(), half_success, grpo_args(tmp_path), chat_dataset(), processing_class=tokenizer())
     assert trainer.sdpo_config == SDPOConfig() and len(trainer.train_dataset) == 8

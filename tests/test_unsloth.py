@@ -19,9 +19,9 @@ import torch
 import trl
 import trl.trainer
 import trl.trainer.grpo_trainer as grpo_module
-from tiny_setup import chat_dataset, first_batch, grpo_args, half_success, model, tokenizer
+from tiny_setup import first_batch, make_trainer
 
-from sdpo_fast import SDPOConfig, SDPOTrainer
+from sdpo_fast import SDPOTrainer
 
 
 def _patched_copy() -> type:
@@ -56,14 +56,7 @@ def unsloth_patched(monkeypatch):
 
 def test_trainer_is_rebuilt_on_the_patched_class_whatever_the_import_order(tmp_path, unsloth_patched):
     with pytest.warns(UserWarning, match="rebuilt on the patched class"):
-        trainer = SDPOTrainer(
-            model(),
-            half_success,
-            args=grpo_args(tmp_path),
-            sdpo_config=SDPOConfig(distillation_topk=10),
-            train_dataset=chat_dataset(),
-            processing_class=tokenizer(),
-        )
+        trainer = make_trainer(tmp_path)
     mro = type(trainer).__mro__
     assert unsloth_patched in mro and grpo_module.__dict__["GRPOTrainer"] is unsloth_patched
     assert isinstance(trainer, SDPOTrainer)  # still an SDPOTrainer for user code
@@ -78,40 +71,19 @@ def test_user_subclass_gets_a_warning_with_the_fix(tmp_path, unsloth_patched):
         pass
 
     with pytest.warns(UserWarning, match="Import Unsloth before TRL"):
-        trainer = MyTrainer(
-            model(),
-            half_success,
-            args=grpo_args(tmp_path),
-            sdpo_config=SDPOConfig(distillation_topk=10),
-            train_dataset=chat_dataset(),
-            processing_class=tokenizer(),
-        )
+        trainer = make_trainer(tmp_path, trainer_cls=MyTrainer)
     assert isinstance(trainer, MyTrainer)
 
 
 def test_no_patch_no_rebuild(tmp_path, recwarn):
-    trainer = SDPOTrainer(
-        model(),
-        half_success,
-        args=grpo_args(tmp_path),
-        sdpo_config=SDPOConfig(distillation_topk=10),
-        train_dataset=chat_dataset(),
-        processing_class=tokenizer(),
-    )
+    trainer = make_trainer(tmp_path)
     assert type(trainer) is SDPOTrainer
     assert not [w for w in recwarn if "rebuilt" in str(w.message)]
 
 
 def test_hidden_states_come_from_the_backbone_not_logits(tmp_path):
     """Unsloth's loss path may put hidden states in `.logits`; the SDPO forward never reads `.logits`."""
-    trainer = SDPOTrainer(
-        model(),
-        half_success,
-        args=grpo_args(tmp_path),
-        sdpo_config=SDPOConfig(distillation_topk=10),
-        train_dataset=chat_dataset(),
-        processing_class=tokenizer(),
-    )
+    trainer = make_trainer(tmp_path)
     inputs = first_batch(trainer)
     base_forward = type(trainer.model).forward
 

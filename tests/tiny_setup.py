@@ -80,11 +80,13 @@ def grpo_args(tmp_path, **overrides) -> GRPOConfig:
     return GRPOConfig(**defaults)
 
 
-def make_trainer(tmp_path, reward=half_success, sdpo=None, dataset=None, peft_config=None, model_=None, **args):
+def make_trainer(
+    tmp_path, reward=half_success, sdpo=None, dataset=None, peft_config=None, model_=None, trainer_cls=None, **args
+):
     from sdpo_fast import SDPOTrainer
 
     torch.manual_seed(0)
-    return SDPOTrainer(
+    return (trainer_cls or SDPOTrainer)(
         model_ if model_ is not None else model(),
         reward,
         args=grpo_args(tmp_path, **args),

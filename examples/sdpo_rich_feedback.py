@@ -38,11 +38,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
-def user_turn(text: str) -> list[dict[str, str]]:
-    return [{"role": "user", "content": text}]
-
-
 # ---------------------------------------------------------------------------------------------- the sandbox
 
 # The child's program. It limits itself before it reads the candidate's code, so no `preexec_fn` is needed
@@ -453,6 +448,8 @@ PROBLEMS = [  # (signature, what it returns, test inputs, reference solution)
 
 
 def problem_rows() -> list[dict[str, Any]]:
+    from _common import user_turn  # lazily, like the rest of _common: the sandbox part imports no torch
+
     rows = []
     for signature, returns, inputs, solve in PROBLEMS:
         prompt = (
@@ -471,6 +468,8 @@ TINY_WORDS = ["f", "that", "returns", "format", "wrong", "runtime", "limit", "ex
 
 
 def tiny_rows() -> list[dict[str, Any]]:
+    from _common import user_turn
+
     rows = []
     for word, op in OPS.items():
         for d in range(10):
@@ -482,7 +481,7 @@ def tiny_rows() -> list[dict[str, Any]]:
 
 def tiny_warmup_example(rng: random.Random):
     """Format-only warm-up: any syntactically valid one-liner (a random operator and digit), half with a demo."""
-    from _common import teacher_content
+    from _common import teacher_content, user_turn
 
     word, d = rng.choice(list(OPS)), rng.randrange(10)
     answer = f"def f ( x ) : return x {rng.choice(list(OPS.values()))} {rng.randrange(10)}"

@@ -9,8 +9,8 @@ Import order matters: Unsloth patches TRL's `GRPOTrainer` when it is imported, s
 before `trl`, `transformers` and `sdpo_fast` (first line of the script or notebook). `SDPOTrainer` builds
 itself on whatever `trl.GRPOTrainer` is at construction time, so a late import still works, with a warning.
 
-With a LoRA model the SDPO teacher is a second adapter on the same base weights (EMA of the trained
-adapter), so SDPO needs no second copy of the model. On a T4 (no bfloat16) training runs in fp16.
+With a LoRA model the SDPO teacher is a snapshot of the adapter (an EMA of the trained adapter), swapped
+into the one adapter for teacher forwards, so SDPO needs no second copy of the model and no second adapter. On a T4 (no bfloat16) training runs in fp16.
 """
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ def main() -> None:
         {
             **facts,
             "trainer_on_unsloth_patched_grpo": is_unsloth_patched(type(trainer)),
-            "teacher": trainer._teacher_kind,
+            "teacher": trainer.teacher.kind,
             "steps": trainer.state.global_step,
             "train_seconds": round(seconds, 1),
             "reward_first_quarter": quarter_means(curve)[0],

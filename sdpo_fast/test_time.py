@@ -179,7 +179,7 @@ def test_time_self_distill(
         feedback_history: reprompt mode: how many rounds' feedback to show, newest last; None shows
             all of it (the paper's multi-turn baseline). One feedback per round: the best-scoring one.
         reward_kwargs: extra columns for the reward function, one value for the question (e.g. the tests).
-        peft_config: train mode: a PEFT config (e.g. `peft.LoraConfig`); the teacher is a second adapter.
+        peft_config: train mode: a PEFT config (e.g. `peft.LoraConfig`); the teacher is a snapshot of the adapter.
         trainer_args: train mode: `GRPOConfig` fields overriding the defaults chosen here.
         callbacks: train mode: extra `TrainerCallback`s.
         on_round: called after each scored round with the result so far and the round's attempts.

@@ -14,14 +14,14 @@ Data flow of one generation batch:
                                                                    ▼
     `EMATeacherCallback`: teacher ← (1 − τ)·teacher + τ·student, once per generation batch.
 
-The teacher is `self.ref_model` (a copy of the initial policy) or, with PEFT, a second adapter on
-the same base model. The trainer never computes full-vocabulary logits itself.
+The teacher is a `sdpo_fast.teacher.Teacher` (`self.teacher`): a frozen copy of the policy kept in
+`self.ref_model`, or with PEFT a snapshot of the adapter. The forward patch (`sdpo_fast.forward`) lets
+one model call return hidden states or the fused head's output; the trainer never computes
+full-vocabulary logits itself.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import logging
 import math
 import os
@@ -35,117 +35,20 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOConfig, GRPOTrainer
 
 from .config import SDPOConfig
+from .distributed import full_weight, parallelism, zero3_gathered
+from .ema import EMATeacherCallback, ema_period
+from .forward import SDPORequest, add_sdpo_forward, check_head_compatible, logit_scale
 from .head import resolve_backend, sdpo_head
 from .loss import agg_loss, importance_ratio, token_level_surrogate
 from .reprompting import PromptCodec, build_teacher_contexts, group_key, question_text, tokenize_reprompt
 from .rewards import FeedbackStore, wrap_reward_function
-from .teacher import (
-    TEACHER_ADAPTER,
-    EMATeacherCallback,
-    active_adapter,
-    adapter_pairs,
-    add_teacher_adapter,
-    ema_period,
-    ema_update,
-    trust_region_head_inputs,
-)
+from .teacher import build_teacher
 from .unsloth import current_grpo_trainer, rebased_trainer_class
 
 logger = logging.getLogger(__name__)
 
 TEACHER_CHECKPOINT_FILE = "sdpo_teacher.pt"
 _GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-# ---------------------------------------------------------------------------------------------- forward patch
-
-
-class SDPORequest:
-    """Asks a patched model forward for the backbone's hidden states at the completion positions.
-
-    With `head=None` the forward returns them, (B, T, H). Otherwise it returns `head(hidden,
-    lm_head_weight)`, computed *inside* the forward so that DDP/FSDP hooks see every parameter use.
-    """
-
-    __slots__ = ("completion_length", "head")
-
-    def __init__(self, completion_length: int, head=None):
-        self.completion_length = completion_length
-        self.head = head
-
-
-def _full_weight(weight: torch.Tensor) -> torch.Tensor:
-    """FSDP2 shards parameters as DTensors; the head needs the whole lm_head matrix (differentiably)."""
-    return weight.full_tensor() if hasattr(weight, "full_tensor") else weight
-
-
-def add_sdpo_forward(model) -> None:
-    """Patch `model.forward` to accept `sdpo=SDPORequest(...)`; without it the forward is unchanged.
-
-    Patched on the instance (like TRL's fused LM head), on top of whatever forward is there, so it
-    composes with TRL's and Unsloth's patches. Idempotent.
-    """
-    if getattr(model, "_sdpo_forward_patched", False):
-        return
-    previous = model.forward
-
-    def forward(*args, sdpo: SDPORequest | None = None, **kwargs):
-        if sdpo is None:
-            return previous(*args, **kwargs)
-        kwargs["use_cache"] = False
-        kwargs.pop("logits_to_keep", None)
-        backbone = model.base_model if model.base_model is not model else model.model
-        hidden = backbone(*args, **kwargs).last_hidden_state
-        hidden = hidden[:, -sdpo.completion_length - 1 : -1]  # the positions that predict the completion tokens
-        if sdpo.head is None:
-            return hidden
-        return sdpo.head(hidden, _full_weight(model.get_output_embeddings().weight))
-
-    model.forward = forward
-    model._sdpo_forward_patched = True
-
-
-def _reshard_fsdp2(module) -> None:
-    """Put FSDP2's shards back after a no-grad forward.
-
-    With `reshard_after_forward=False` (SHARD_GRAD_OP, and torch's default for a root module) a
-    forward leaves the all-gathered full weights registered until a backward reshards them. The
-    teacher never runs a backward, so it would keep a full copy in memory on every rank, and the
-    shard-wise EMA could not pair its full tensors with the student's shards.
-    """
-    from torch.distributed.fsdp import FSDPModule
-
-    for m in module.modules():
-        if isinstance(m, FSDPModule):
-            m.reshard()
-
-
-def _shard_teacher_fsdp2(teacher, accelerator):
-    """FSDP2-shard the teacher per decoder layer, then at the root, as accelerate shards the student.
-
-    TRL's `prepare_fsdp` shards only the root, so every teacher forward would gather the whole model at
-    once. The teacher has no backward, so it always reshards after its forward. Each parameter is split
-    along dim 0 over the same mesh as the student's, which is what the shard-wise EMA needs.
-    """
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    plugin = accelerator.state.fsdp_plugin
-    mesh = getattr(accelerator, "torch_device_mesh", None)
-    if mesh is not None:
-        mesh = mesh[tuple(accelerator.parallelism_config.fsdp_dim_names)]
-    kwargs = dict(
-        reshard_after_forward=True,
-        offload_policy=plugin.cpu_offload,
-        mp_policy=plugin.mixed_precision_policy or MixedPrecisionPolicy(),
-        mesh=mesh,
-    )
-    layers = set(getattr(teacher, "_no_split_modules", None) or ())
-    for module in teacher.modules():
-        if type(module).__name__ in layers:
-            fully_shard(module, **kwargs)
-    fully_shard(teacher, **kwargs)
-    return teacher.eval()
 
 
 def _teacher_kwargs(ids: torch.Tensor, att: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -153,51 +56,6 @@ def _teacher_kwargs(ids: torch.Tensor, att: torch.Tensor) -> dict[str, torch.Ten
     first = int(att.any(dim=0).nonzero()[0]) if att.any() else 0
     ids, att = ids[:, first:], att[:, first:]
     return dict(input_ids=ids, attention_mask=att, position_ids=(att.cumsum(dim=1) - 1).clamp(min=0))
-
-
-@contextlib.contextmanager
-def _eval_mode(module):
-    """No dropout for a no-grad pass through the training model (the PEFT teacher, the trust-region live pass)."""
-    was_training = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was_training)
-
-
-def _check_head_compatible(model, topk: int | None) -> None:
-    config = model.config.get_text_config()
-    if getattr(config, "final_logit_softcapping", None):
-        raise NotImplementedError(
-            f"{type(model).__name__} applies final-logit soft-capping, which the fused SDPO head does not implement. "
-            "Use a model without soft-capping (e.g. Qwen, Llama, Gemma-3)."
-        )
-    head = model.get_output_embeddings()
-    if head is None or getattr(head, "bias", None) is not None:
-        raise NotImplementedError("The SDPO head needs a bias-free lm_head (`model.get_output_embeddings()`).")
-    vocab = head.weight.shape[0]
-    if topk is not None and topk > vocab:
-        raise ValueError(
-            f"SDPOConfig.distillation_topk={topk} exceeds the model's vocabulary size {vocab}. Lower it, or set "
-            "distillation_topk=None to distil the full vocabulary."
-        )
-
-
-def _logit_scale(model) -> float:
-    """The factor some architectures apply to their logits, so the head matches the model (and TRL's log-probs).
-
-    `logit_scale` (Cohere), `output_multiplier`, `lm_head_multiplier` (Falcon-H1) multiply; `logits_scaling`
-    divides (Granite, MiniCPM3), except for HyperCLOVA X, which multiplies by it.
-    """
-    config = model.config.get_text_config()
-    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
-        if getattr(config, name, None) is not None:
-            return float(getattr(config, name))
-    scaling = getattr(config, "logits_scaling", None)
-    if scaling is not None:
-        return float(scaling) if config.model_type == "hyperclovax" else 1.0 / float(scaling)
-    return 1.0
 
 
 # ---------------------------------------------------------------------------------------------- the trainer
@@ -245,7 +103,6 @@ class _SDPOTrainerMixin:
             name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
             args = GRPOConfig(f"{str(name).split('/')[-1] or 'model'}-SDPO")
         if sdpo.enabled:
-            self._check_distributed_support(args)
             if args.beta != 0.0:
                 logger.warning(
                     "SDPO replaces GRPO's KL penalty: the teacher is the reference model. Setting beta=%s → 0.0.",
@@ -297,78 +154,57 @@ class _SDPOTrainerMixin:
         self._backend_logged = False
         if not sdpo.enabled:
             return
-        if self.is_fsdp_enabled and self.accelerator.state.fsdp_plugin.fsdp_version != 2:
-            raise NotImplementedError(
-                "SDPO supports FSDP version 2 only: its parameters are DTensors, which the fused head gathers and the "
-                "EMA teacher updates shard by shard. Set fsdp_config={'fsdp_version': 2}."
-            )
+        self._parallelism = parallelism(self.accelerator)
+        self._check_parallelism(is_peft_model(self.model))
         if self._is_vlm:
             raise NotImplementedError(
                 "SDPOTrainer supports text-only models: the teacher prompt and the fused head do not carry images. "
                 "Pass a tokenizer (not a multimodal processor) and a text-only dataset."
             )
         unwrapped = self.model.get_base_model() if is_peft_model(self.model) else self.model
-        _check_head_compatible(unwrapped, sdpo.distillation_topk)
-        self._logit_scale = _logit_scale(unwrapped)
+        check_head_compatible(unwrapped, sdpo.distillation_topk)
+        self._logit_scale = logit_scale(unwrapped)
         # resolved once, so that the log and `sdpo/backend` say what runs (auto: torch for K > 256 too)
         self.sdpo_backend = resolve_backend(sdpo.distillation_backend, self.accelerator.device, sdpo.distillation_topk)
         add_sdpo_forward(unwrapped)
-        self._setup_teacher()
-        logger.info("SDPO: teacher=%s, head backend=%s", self._teacher_kind, self.sdpo_backend)
+        self.teacher = build_teacher(self.model, sdpo, self.accelerator)
+        self.ref_model = self.teacher.module
+        self._add_ema_callback()
+        logger.info("SDPO: teacher=%s, head backend=%s", self.teacher.kind, self.sdpo_backend)
 
     # ------------------------------------------------------------------------------------ setup
 
-    @staticmethod
-    def _check_distributed_support(args: GRPOConfig) -> None:
-        ds = args.deepspeed_plugin
-        if ds is not None and ds.zero_stage == 3:
+    def _check_parallelism(self, peft: bool) -> None:
+        if self._parallelism == "fsdp1":
             raise NotImplementedError(
-                "SDPO does not support DeepSpeed ZeRO-3 yet: the fused head reads lm_head.weight directly in its "
-                "backward pass, where ZeRO-3 has re-partitioned it. Use ZeRO-1/2, FSDP2 "
-                "(fsdp_config={'fsdp_version': 2}), or LoRA on one GPU."
+                "SDPO supports FSDP version 2 only: its parameters are DTensors, which the fused head gathers and the "
+                "EMA teacher updates shard by shard. Set fsdp_config={'fsdp_version': 2}."
+            )
+        if self._parallelism == "zero3" and peft:
+            raise NotImplementedError(
+                "SDPO does not support PEFT/LoRA under DeepSpeed ZeRO-3. A LoRA adapter is small, so ZeRO-2 "
+                "(zero_optimization.stage=2) or plain DDP keep the same memory for the trainable state; or train the "
+                "full model under ZeRO-3."
             )
 
-    def _setup_teacher(self) -> None:
-        """The teacher: a second adapter under PEFT, else a frozen copy of the policy in `self.ref_model`."""
-        sdpo = self.sdpo_config
-        if is_peft_model(self.model):
-            add_teacher_adapter(self.model)
-            self._teacher_kind = "adapter"
-            self.ref_model = None
-        else:
-            teacher = copy.deepcopy(self.model)
-            teacher.__dict__.pop("forward", None)  # drop the copied patches: they close over the student
-            teacher.__dict__.pop("_sdpo_forward_patched", None)
-            dtype = _DTYPES.get(sdpo.teacher_dtype)
-            if sdpo.teacher_dtype == "auto":
-                dtype = torch.float32 if self.model.dtype == torch.float32 else self.model.dtype
-            teacher.to(dtype).eval().requires_grad_(False)
-            add_sdpo_forward(teacher)
-            if self.is_deepspeed_enabled:
-                from trl.models import prepare_deepspeed
-
-                teacher = prepare_deepspeed(teacher, self.accelerator)
-            elif self.is_fsdp_enabled:
-                teacher = _shard_teacher_fsdp2(teacher, self.accelerator)
-            else:
-                teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
-            self.ref_model = teacher
-            self._teacher_kind = "ema-copy" if sdpo.teacher_regularization == "ema" else "trust-region-copy"
-        if sdpo.teacher_regularization == "ema" and sdpo.teacher_update_rate > 0:
-            ga = self.args.gradient_accumulation_steps
-            period = ema_period(self.num_iterations, self.args.steps_per_generation, ga)
-            if (self.num_iterations * self.args.steps_per_generation) % ga:
-                logger.warning(
-                    "num_iterations × steps_per_generation is not a multiple of gradient_accumulation_steps=%d, so "
-                    "the EMA teacher cannot update exactly once per generation batch; it updates every %d optimizer "
-                    "step(s).",
-                    ga,
-                    period,
-                )
-            self.ema_callback = EMATeacherCallback(
-                self._ema_update, period, gradients=self._student_gradients, all_reduce_flag=self._all_ranks_true
+    def _add_ema_callback(self) -> None:
+        """EMA once per generation batch: the reference's once per training step."""
+        if self.teacher.ema_rate <= 0:
+            return
+        ga = self.args.gradient_accumulation_steps
+        period = ema_period(self.num_iterations, self.args.steps_per_generation, ga)
+        if (self.num_iterations * self.args.steps_per_generation) % ga:
+            logger.warning(
+                "num_iterations × steps_per_generation is not a multiple of gradient_accumulation_steps=%d, so "
+                "the EMA teacher cannot update exactly once per generation batch; it updates every %d optimizer "
+                "step(s).",
+                ga,
+                period,
             )
-            self.add_callback(self.ema_callback)
+        self.ema_callback = EMATeacherCallback(
+            self._ema_update, period, gradients=self._student_gradients, all_reduce_flag=self._all_ranks_true
+        )
+        self.add_callback(self.ema_callback)
 
     def _student_gradients(self) -> list[torch.Tensor]:
         return [p.grad for p in self.model.parameters() if p.requires_grad and p.grad is not None]
@@ -381,28 +217,10 @@ class _SDPOTrainerMixin:
 
     @torch.no_grad()
     def _ema_update(self) -> None:
-        rate = self.sdpo_config.teacher_update_rate
         # Stochastic rounding of a low-precision teacher draws from a generator seeded alike on every rank, so
         # replicated teachers stay identical (the global RNG has been consumed differently by each rank's sampling).
         generator = torch.Generator(device=self.accelerator.device).manual_seed(self.args.seed + self.state.global_step)
-        if self._teacher_kind == "adapter":
-            pairs = adapter_pairs(self.accelerator.unwrap_model(self.model))
-            teacher, student = {n: t for n, (t, _) in pairs.items()}, {n: s for n, (_, s) in pairs.items()}
-            ema_update(teacher, student, rate, generator=generator)
-        else:
-            if self.is_fsdp_enabled:
-                _reshard_fsdp2(self.ref_model)
-                _reshard_fsdp2(self.model)
-            ema_update(self._unwrap_teacher(), self._student_for_ema(), rate, generator=generator)
-
-    def _student_for_ema(self):
-        # FSDP: update the local shards, so keep the wrapper (teacher and student are sharded alike).
-        return self.model if self.is_fsdp_enabled else self.accelerator.unwrap_model(self.model)
-
-    def _unwrap_teacher(self):
-        if self.is_fsdp_enabled:
-            return self.ref_model
-        return getattr(self.ref_model, "module", self.ref_model)
+        self.teacher.ema_step(self.model, generator)
 
     # ------------------------------------------------------------------------------------ rewards and teacher inputs
 
@@ -601,9 +419,9 @@ class _SDPOTrainerMixin:
     def _teacher_states(self, model, inputs, score_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Teacher hidden states at the scored completion positions (N, H_T) and the teacher lm_head weight.
 
-        Only rows with a teacher signal are run, in chunks of `teacher_micro_batch_size`. Under FSDP
-        every forward and every `full_tensor()` is a collective, so all ranks run the same number of
-        chunks (a rank with fewer rows repeats a real row and discards it) and fetch the weights.
+        Only rows with a teacher signal are run, in chunks of `teacher_micro_batch_size`. When every
+        teacher forward is a collective (FSDP2, ZeRO-3), all ranks run the same number of chunks (a rank
+        with fewer rows repeats a real row and discards it) and fetch the weight.
         """
         sdpo = self.sdpo_config
         t_ids, t_mask = inputs["teacher_input_ids"], inputs["teacher_attention_mask"]
@@ -611,11 +429,11 @@ class _SDPOTrainerMixin:
         row_idx = ((inputs["self_distillation_mask"] > 0) & score_mask.any(dim=1)).nonzero().squeeze(1)
         chunk = sdpo.teacher_micro_batch_size or max(row_idx.numel(), 1)
         n_chunks = math.ceil(row_idx.numel() / chunk)
-        if self.is_fsdp_enabled:
+        if self.teacher.lockstep:
             n_chunks = int(self.accelerator.reduce(torch.tensor(n_chunks, device=t_ids.device), reduction="max"))
         if n_chunks == 0:
             return None
-        teacher_parts, live_parts = [], []
+        parts = []
         with torch.no_grad():
             for c in range(n_chunks):
                 idx = row_idx[c * chunk : (c + 1) * chunk]
@@ -623,55 +441,17 @@ class _SDPOTrainerMixin:
                     t_ids[idx] if idx.numel() else t_ids[:1], t_mask[idx] if idx.numel() else t_mask[:1]
                 )
                 with self.accelerator.autocast():
-                    hidden = self._teacher_forward(model, kwargs, length)
-                    live = (
-                        self._live_forward(model, kwargs, length)
-                        if sdpo.teacher_regularization == "trust-region"
-                        else None
-                    )
+                    hidden = self.teacher.hidden_states(model, kwargs, length)
                 if idx.numel():  # else a padding chunk that only kept the ranks' collectives in step
-                    teacher_parts.append(hidden)
-                    if live is not None:
-                        live_parts.append(live)
-        weight = self._teacher_weight(model)
-        if sdpo.teacher_regularization == "trust-region":  # the same on every rank, like the gathers it triggers
-            live_weight = _full_weight(self.accelerator.unwrap_model(model).get_output_embeddings().weight).detach()
-        if self.is_fsdp_enabled and self.ref_model is not None:
-            _reshard_fsdp2(self.ref_model)  # the weight above is a gathered copy; free the teacher's full params
-        if not teacher_parts:
+                    parts.append(hidden)
+            weight = self.teacher.lm_head_weight(model)
+            self.teacher.end_pass()
+        if not parts:
             return None
-        hidden_rows = torch.cat(teacher_parts)
-        if live_parts:
-            hidden_rows, weight = trust_region_head_inputs(
-                hidden_rows, torch.cat(live_parts), weight, live_weight, sdpo.teacher_update_rate
-            )
+        hidden_rows = torch.cat(parts)
         full = hidden_rows.new_zeros(n_rows, length, hidden_rows.shape[-1])
         full[row_idx] = hidden_rows
         return full[score_mask], weight
-
-    def _teacher_forward(self, model, kwargs: dict[str, torch.Tensor], length: int) -> torch.Tensor:
-        """Hidden states of the (EMA or frozen-initial) teacher on the teacher prompt + completion."""
-        if self._teacher_kind == "adapter":
-            with active_adapter(self.accelerator.unwrap_model(model), TEACHER_ADAPTER), _eval_mode(model):
-                return model(**kwargs, sdpo=SDPORequest(length))
-        return self.ref_model(**kwargs, sdpo=SDPORequest(length))
-
-    def _live_forward(self, model, kwargs: dict[str, torch.Tensor], length: int) -> torch.Tensor:
-        """The current student on the teacher prompt (trust-region teacher), without dropout."""
-        with _eval_mode(model):
-            return model(**kwargs, sdpo=SDPORequest(length))
-
-    def _teacher_weight(self, model) -> torch.Tensor:
-        if self._teacher_kind == "adapter":
-            # Read under the teacher adapter: with `modules_to_save=["lm_head"]` the head has a teacher copy.
-            unwrapped = self.accelerator.unwrap_model(model)
-            with active_adapter(unwrapped, TEACHER_ADAPTER):
-                return _full_weight(unwrapped.get_output_embeddings().weight).detach()
-        weight = self.accelerator.unwrap_model(self.ref_model).get_output_embeddings().weight
-        full = _full_weight(weight).detach()
-        if self.is_fsdp_enabled and not hasattr(weight, "full_tensor"):
-            full = full.clone()  # FSDP2 left it gathered; the teacher is resharded right after, freeing it
-        return full
 
     def _student_head(self, model, inputs, score_mask, teacher) -> dict[str, torch.Tensor]:
         """One student forward; the fused head runs inside it on the scored positions."""
@@ -680,7 +460,12 @@ class _SDPOTrainerMixin:
         targets = completion_ids[score_mask]
         temperature = self.temperature / self._logit_scale
 
+        zero3 = self._parallelism == "zero3"
+
         def head(hidden: torch.Tensor, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+            # FSDP2: gather the DTensor (differentiably); ZeRO-3: the head gathers it in its forward and backward.
+            weight = full_weight(weight)
+            extra = {"weight_gather": lambda: zero3_gathered([weight])} if zero3 else {}
             h = hidden[score_mask]
             if h.dtype != weight.dtype:
                 h = h.to(weight.dtype)
@@ -702,6 +487,7 @@ class _SDPOTrainerMixin:
                 temperature=temperature,
                 backend=self.sdpo_backend,  # resolved at init (auto: triton on sm_80+ CUDA unless K > 256, else torch)
                 memory_budget_mb=sdpo.distillation_memory_budget_mb,
+                **extra,
             )
             outputs = {}
             for name, values in zip(("divergence", "student_logprob", "teacher_logprob"), result):
@@ -779,18 +565,10 @@ class _SDPOTrainerMixin:
         output_dir = os.path.join(
             self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         )
-        state = self._teacher_state_dict()
+        state = self.teacher.state_dict()  # a collective under FSDP2 / ZeRO-3: every rank takes part
         if self.args.should_save:
             os.makedirs(output_dir, exist_ok=True)
-            torch.save({"kind": self._teacher_kind, "state": state}, os.path.join(output_dir, TEACHER_CHECKPOINT_FILE))
-
-    def _teacher_state_dict(self) -> dict[str, torch.Tensor]:
-        if self._teacher_kind == "adapter":
-            pairs = adapter_pairs(self.accelerator.unwrap_model(self.model))
-            return {n: t.detach().cpu().clone() for n, (t, _) in pairs.items()}
-        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
-            return self.accelerator.get_state_dict(self.ref_model)
-        return {k: v.detach().cpu().clone() for k, v in self._unwrap_teacher().state_dict().items()}
+            torch.save({"kind": self.teacher.kind, "state": state}, os.path.join(output_dir, TEACHER_CHECKPOINT_FILE))
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -805,22 +583,13 @@ class _SDPOTrainerMixin:
             )
             return
         saved = torch.load(path, map_location="cpu", weights_only=True)
-        if saved["kind"] != self._teacher_kind:
+        if saved["kind"] != self.teacher.kind:
             raise ValueError(
-                f"The checkpoint's teacher is of kind {saved['kind']!r} but this run's is {self._teacher_kind!r}; "
+                f"The checkpoint's teacher is of kind {saved['kind']!r} but this run's is {self.teacher.kind!r}; "
                 "resume with the same PEFT/teacher_regularization settings."
             )
         with torch.no_grad():
-            if self._teacher_kind == "adapter":
-                pairs = adapter_pairs(self.accelerator.unwrap_model(self.model))
-                for name, value in saved["state"].items():
-                    pairs[name][0].copy_(value)
-            elif self.is_fsdp_enabled:
-                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-                set_model_state_dict(self.ref_model, saved["state"], options=StateDictOptions(full_state_dict=True))
-            else:
-                self._unwrap_teacher().load_state_dict(saved["state"])
+            self.teacher.load_state_dict(saved["state"])
 
 
 def _check_dataset(train_dataset, processing_class) -> None:

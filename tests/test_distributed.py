@@ -169,7 +169,7 @@ def check_step(results: list[dict]) -> None:
     # the step's checkpoint (written by rank 0 only) holds that EMA teacher, gathered whole
     checkpoint = results[0]["checkpoint_teacher"]
     assert checkpoint is not None and results[1]["checkpoint_teacher"] is None
-    assert checkpoint["kind"] == "ema-copy" and checkpoint["missing"] == [] and checkpoint["max_diff"] == 0.0
+    assert checkpoint["kind"] == "full-copy" and checkpoint["missing"] == [] and checkpoint["max_diff"] == 0.0
 
 
 def check_same_as_ddp(results: list[dict], ddp: list[dict]) -> None:

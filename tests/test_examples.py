@@ -109,7 +109,7 @@ def test_sdpo_with_unsloth_smoke_falls_back_to_peft(tmp_path):
     out, summary = run_example("sdpo_with_unsloth.py", tmp_path)
     data = check_summary_json(tmp_path, summary)
     assert "--smoke: running on the CPU without Unsloth, with PEFT LoRA" in out
-    assert data["teacher"] == "adapter"  # the SDPO teacher is a second LoRA adapter
+    assert data["teacher"] == "lora-snapshot"  # the SDPO teacher is a snapshot of the one LoRA adapter
     assert data["backend"] == "PEFT LoRA (Unsloth not used)" and data["trainer_on_unsloth_patched_grpo"] is False
     assert data["steps"] == 2
 

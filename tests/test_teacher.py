@@ -1,4 +1,4 @@
-"""The teacher: EMA maths, bf16 movement, name matching, callback cadence, LoRA adapters, trust region."""
+"""The teacher: EMA maths, bf16 movement, name matching, callback cadence, the LoRA snapshot, trust region."""
 
 from __future__ import annotations
 
@@ -9,16 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from sdpo_fast.teacher import (
-    EMATeacherCallback,
-    active_adapter,
-    adapter_pairs,
-    add_teacher_adapter,
-    ema_period,
-    ema_update,
-    stochastic_round,
-    trust_region_head_inputs,
-)
+from sdpo_fast.ema import EMATeacherCallback, ema_period, ema_update, stochastic_round
+from sdpo_fast.forward import SDPORequest, add_sdpo_forward
+from sdpo_fast.teacher import LoraSnapshotTeacher, trust_region_head_inputs
 
 
 def _mlp(seed=0, dtype=torch.float32):
@@ -163,55 +156,115 @@ def test_trust_region_inputs_realise_the_logit_blend():
         trust_region_head_inputs(h_ref, h_live, w_ref, w_live, 1.5)
 
 
-# ------------------------------------------------------------------ LoRA teacher adapter
+# ------------------------------------------------------------------ LoRA teacher: a snapshot in the one adapter
 
 
-def _lora_model():
+class _Unwrap:
+    """The one accelerator method the LoRA teacher uses, for tests without a trainer."""
+
+    @staticmethod
+    def unwrap_model(model):
+        return model
+
+
+def _lora_model(**lora_kwargs):
     peft = pytest.importorskip("peft")
     from sdpo_fast.testing import tiny_qwen2
 
     model = tiny_qwen2(hidden_size=32, intermediate_size=64)
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, **lora_kwargs)
     model = peft.get_peft_model(model, cfg)
     with torch.no_grad():  # make the student adapter non-trivial (B starts at zero)
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.1)
+    add_sdpo_forward(model.get_base_model())
     return model
 
 
-def test_lora_teacher_adapter_starts_as_exact_copy_and_is_frozen():
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _hidden(teacher, model, ids):
+    with torch.no_grad():
+        return teacher.hidden_states(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, 3)
+
+
+def test_lora_teacher_is_an_exact_snapshot_and_adds_no_adapter():
     model = _lora_model()
-    name = add_teacher_adapter(model)
-    pairs = adapter_pairs(model)
-    assert len(pairs) == 2 * 2 * 2  # 2 layers × (q, v) × (A, B)
-    for t, s in pairs.values():
-        torch.testing.assert_close(t, s)
-        assert not t.requires_grad and s.requires_grad
-    assert model.active_adapter == "default"
+    keys = set(model.state_dict())
+    teacher = LoraSnapshotTeacher(model, _Unwrap())
+    assert set(model.state_dict()) == keys and list(model.peft_config) == ["default"]
+    assert not any("teacher" in k for k in model.state_dict())
+    assert len(teacher.snapshot) == 2 * 2 * 2  # 2 layers × (q, v) × (A, B)
+    for name, p in teacher.params.items():
+        assert torch.equal(teacher.snapshot[name], p) and p.requires_grad
     ids = torch.randint(0, 100, (2, 7))
     with torch.no_grad():
-        student_out = model(input_ids=ids).logits
-        with active_adapter(model, name):
-            teacher_out = model(input_ids=ids).logits
-    torch.testing.assert_close(student_out, teacher_out)
-    # flags restored
-    assert all(s.requires_grad for _, s in pairs.values()) and not any(t.requires_grad for t, _ in pairs.values())
+        student = model(input_ids=ids, sdpo=SDPORequest(3))
+    torch.testing.assert_close(_hidden(teacher, model, ids), student, rtol=0, atol=0)
 
 
-def test_lora_teacher_ema_updates_only_the_teacher_adapter():
+def test_lora_teacher_forward_uses_the_snapshot_and_leaves_the_student_bit_identical():
     model = _lora_model()
-    add_teacher_adapter(model)
-    base_before = {n: p.clone() for n, p in model.named_parameters() if "lora" not in n}
+    teacher = LoraSnapshotTeacher(model, _Unwrap())
+    ids = torch.randint(0, 100, (2, 7))
+    student_hidden = _hidden(teacher, model, ids)  # snapshot == student so far
     with torch.no_grad():
-        for n, p in model.named_parameters():
-            if ".default." in n:
-                p.add_(1.0)
-    pairs = adapter_pairs(model)
-    before = {n: t.clone() for n, (t, _) in pairs.items()}
-    ema_update({n: t for n, (t, _) in pairs.items()}, {n: s for n, (_, s) in pairs.items()}, 0.5)
-    for n, (t, s) in pairs.items():
-        torch.testing.assert_close(t, 0.5 * before[n] + 0.5 * s)
-    for n, p in model.named_parameters():
-        if n in base_before:
-            assert torch.equal(p, base_before[n])
+        for t in teacher.snapshot.values():
+            t.add_(0.5)
+    before = _state(model)
+    teacher_hidden = _hidden(teacher, model, ids)
+    assert not torch.allclose(teacher_hidden, student_hidden)  # the teacher really ran with its own weights
+    after = _state(model)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert model.training  # eval mode only for the teacher pass
+
+
+def test_lora_teacher_restores_the_student_when_the_forward_raises():
+    model = _lora_model()
+    teacher = LoraSnapshotTeacher(model, _Unwrap())
+    with torch.no_grad():
+        for t in teacher.snapshot.values():
+            t.mul_(-3.0)
+    before = _state(model)
+    with pytest.raises(RuntimeError, match="boom"), teacher.swapped_in():
+        assert not all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # swapped in
+        raise RuntimeError("boom")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_lora_teacher_has_its_own_copy_of_a_modules_to_save_head():
+    model = _lora_model(modules_to_save=["lm_head"])
+    teacher = LoraSnapshotTeacher(model, _Unwrap())
+    head = model.get_output_embeddings().weight
+    assert any(p is head for p in teacher.params.values())
+    torch.testing.assert_close(teacher.lm_head_weight(model), head.detach())
+    with torch.no_grad():
+        for name, p in teacher.params.items():
+            if p is head:
+                teacher.snapshot[name].mul_(3.0)
+    torch.testing.assert_close(teacher.lm_head_weight(model), 3 * head.detach())
+    assert not torch.equal(teacher.lm_head_weight(model), head)
+
+
+def test_lora_teacher_ema_updates_only_the_snapshot():
+    model = _lora_model()
+    teacher = LoraSnapshotTeacher(model, _Unwrap())
+    teacher.ema_rate = 0.5
+    with torch.no_grad():
+        for p in teacher.params.values():
+            p.add_(1.0)
+    before_snapshot = {n: t.clone() for n, t in teacher.snapshot.items()}
+    before_model = _state(model)
+    teacher.ema_step(model)
+    for name, p in teacher.params.items():
+        torch.testing.assert_close(teacher.snapshot[name], 0.5 * before_snapshot[name] + 0.5 * p.detach())
+    assert all(torch.equal(before_model[k], v) for k, v in model.state_dict().items())
+    state = teacher.state_dict()
+    fresh = LoraSnapshotTeacher(model, _Unwrap())
+    fresh.load_state_dict(state)
+    assert all(torch.equal(fresh.snapshot[n], teacher.snapshot[n]) for n in state)
+    with pytest.raises(ValueError, match="same peft_config"):
+        fresh.load_state_dict({"nope": torch.zeros(1)})

@@ -310,7 +310,7 @@ def test_grpo_weight_blending(tmp_path):
     assert losses[1.0] == pytest.approx(trl_loss, rel=1e-5, abs=1e-8)
 
 
-def test_lora_teacher_is_a_second_adapter(tmp_path):
+def test_lora_teacher_is_a_snapshot_in_the_one_adapter(tmp_path):
     peft = pytest.importorskip("peft")
     lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
     trainer = make_trainer(
@@ -320,17 +320,17 @@ def test_lora_teacher_is_a_second_adapter(tmp_path):
         learning_rate=5e-2,
         sdpo=SDPOConfig(distillation_topk=10, teacher_update_rate=0.5),
     )
-    assert trainer.ref_model is None and trainer._teacher_kind == "adapter"
-    assert "sdpo_teacher" in trainer.model.peft_config
-    from sdpo_fast.teacher import adapter_pairs
-
-    before = {n: t.detach().clone() for n, (t, _) in adapter_pairs(trainer.model).items()}
+    assert trainer.ref_model is None and trainer.teacher.kind == "lora-snapshot"
+    assert list(trainer.model.peft_config) == ["default"]
+    assert not any("teacher" in k for k in trainer.model.state_dict())  # nothing for vLLM sync to pick up
+    before = {n: t.clone() for n, t in trainer.teacher.snapshot.items()}
     trainer.train()
-    pairs = adapter_pairs(trainer.model)
-    moved = sum(not torch.equal(t, before[n]) for n, (t, _) in pairs.items())
+    moved = sum(not torch.equal(t, before[n]) for n, t in trainer.teacher.snapshot.items())
     assert moved > 0 and trainer.ema_callback.fired_at == [1, 2]
-    assert not any(t.requires_grad for t, _ in pairs.values())
+    assert not any(t.requires_grad for t in trainer.teacher.snapshot.values())
     assert trainer.model.active_adapter == "default"
+    # the teacher trails the student: τ = 0.5 twice from the same start, while the student moved on
+    assert any(not torch.equal(t, trainer.teacher.params[n]) for n, t in trainer.teacher.snapshot.items())
     logs = [h for h in trainer.state.log_history if "sdpo/loss" in h]
     assert all(h["self_distillation/reprompt_sample_fraction"] > 0 for h in logs)
 
@@ -614,19 +614,19 @@ def test_lora_teacher_runs_without_dropout(tmp_path):
 def test_lora_teacher_uses_its_own_lm_head_copy(tmp_path):
     trainer = _lora_trainer(tmp_path, lora_dropout=0.0, modules_to_save=["lm_head"])
     student = trainer.model.get_output_embeddings().weight
-    teacher = trainer._teacher_weight(trainer.model)
+    teacher = trainer.teacher.lm_head_weight(trainer.model)
     torch.testing.assert_close(teacher, student.detach())  # a copy of the student's at the start …
     with torch.no_grad():
-        for name, p in trainer.model.named_parameters():
-            if "modules_to_save.sdpo_teacher" in name:
-                p.mul_(3.0)
-    torch.testing.assert_close(trainer._teacher_weight(trainer.model), 3 * student.detach())  # … but its own
+        for name, p in trainer.teacher.params.items():
+            if "modules_to_save" in name:
+                trainer.teacher.snapshot[name].mul_(3.0)
+    torch.testing.assert_close(trainer.teacher.lm_head_weight(trainer.model), 3 * student.detach())  # … but its own
 
 
 def test_logit_scaling_of_every_kind_is_applied():
     from types import SimpleNamespace
 
-    from sdpo_fast.trainer import _logit_scale
+    from sdpo_fast.forward import logit_scale as _logit_scale
 
     def fake(**fields):
         config = SimpleNamespace(model_type=fields.pop("model_type", "x"), **fields)

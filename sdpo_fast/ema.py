@@ -1,21 +1,18 @@
-"""The self-teacher: EMA updates, the once-per-generation-batch callback, LoRA teacher adapters and
-the trust-region logit blend (reference spec §3).
+"""The EMA maths of the self-teacher: θ_T ← (1 − τ)·θ_T + τ·θ_S, stochastic rounding for
+low-precision teachers, and the once-per-generation-batch callback (reference spec §3).
 
-The teacher is never a third model. With full fine-tuning it is the trainer's `ref_model` (a copy
-of the initial policy); with PEFT it is a second adapter, `sdpo_teacher`, on the same base model.
+Teacher *kinds* (a full copy, a LoRA snapshot, ZeRO-3…) live in `sdpo_fast.teacher`; each hands
+this module matching tensors (whole parameters, or the local shards of identically sharded ones).
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
 from transformers import TrainerCallback
 
-TEACHER_ADAPTER = "sdpo_teacher"
 # Wrapper prefixes that distributed/compile wrappers insert into parameter names.
 _WRAPPER_TOKENS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -28,7 +25,7 @@ def _normalise_name(name: str) -> str:
     return name.removeprefix("module.")
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
+def local_shard(t: torch.Tensor) -> torch.Tensor:
     """The local shard of a DTensor (FSDP2), or the tensor itself. The EMA is elementwise, so shards suffice."""
     return getattr(t, "_local_tensor", t)
 
@@ -36,7 +33,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 def named_tensors(source: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Floating-point parameters by normalised name (quantised/integer storage is skipped)."""
     items = source.items() if isinstance(source, Mapping) else source.named_parameters()
-    return {_normalise_name(k): _local(v) for k, v in items if torch.is_floating_point(v)}
+    return {_normalise_name(k): local_shard(v) for k, v in items if torch.is_floating_point(v)}
 
 
 def stochastic_round(x: torch.Tensor, dtype: torch.dtype, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -169,86 +166,3 @@ class EMATeacherCallback(TrainerCallback):
         else:
             self.skipped_at.append(state.global_step)
         self._finite_step_in_window = False
-
-
-# ---------------------------------------------------------------------------------------------- LoRA teacher
-
-
-def add_teacher_adapter(peft_model, student_adapter: str = "default", name: str = TEACHER_ADAPTER) -> str:
-    """Add a frozen teacher adapter initialised as an exact copy of the student's adapter.
-
-    (TRL's experimental SDPO starts its LoRA teacher at zero, i.e. at the base model; the reference's
-    teacher starts at the initial policy, which this reproduces.)
-    """
-    if student_adapter not in peft_model.peft_config:
-        raise ValueError(f"The PEFT model has no adapter named {student_adapter!r} to copy for the teacher.")
-    if name not in peft_model.peft_config:
-        peft_model.add_adapter(name, peft_model.peft_config[student_adapter])
-    pairs = adapter_pairs(peft_model, student_adapter, name)
-    if not pairs:
-        raise ValueError(
-            f"The teacher adapter {name!r} has no parameters that pair with {student_adapter!r}; this PEFT method "
-            "cannot hold a second adapter. Use LoRA, or full fine-tuning."
-        )
-    with torch.no_grad():
-        for teacher_param, student_param in pairs.values():
-            teacher_param.copy_(student_param)
-            teacher_param.requires_grad_(False)
-    return name
-
-
-def adapter_pairs(
-    peft_model, student_adapter: str = "default", teacher_adapter: str = TEACHER_ADAPTER
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{name: (teacher_tensor, student_tensor)} for every parameter of the two adapters."""
-    params = dict(peft_model.named_parameters())
-    s_tag, t_tag = f".{student_adapter}.", f".{teacher_adapter}."
-    pairs = {}
-    for name, param in params.items():
-        if t_tag in name:
-            student_name = name.replace(t_tag, s_tag)
-            if student_name in params:
-                pairs[name] = (param, params[student_name])
-    return pairs
-
-
-@contextlib.contextmanager
-def active_adapter(peft_model, name: str) -> Iterator[None]:
-    """Temporarily make `name` the active adapter, restoring the previous one and every `requires_grad` flag."""
-    flags = {n: p.requires_grad for n, p in peft_model.named_parameters()}
-    previous = peft_model.active_adapter
-    peft_model.set_adapter(name)
-    try:
-        yield
-    finally:
-        peft_model.set_adapter(previous)
-        for n, p in peft_model.named_parameters():
-            p.requires_grad_(flags[n])
-
-
-# ---------------------------------------------------------------------------------------------- trust region
-
-
-def trust_region_head_inputs(
-    ref_hidden: torch.Tensor,
-    live_hidden: torch.Tensor,
-    ref_weight: torch.Tensor,
-    live_weight: torch.Tensor,
-    mix: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs for the fused head that realise z_T = (1 − c)·z_ref + c·z_live as one matmul.
-
-    (1 − c)·h_ref·W_refᵀ + c·h_live·W_liveᵀ = [(1 − c)·h_ref, c·h_live]·[W_ref, W_live]ᵀ, so the
-    hidden states and weights are concatenated along the hidden dimension. When both models share
-    one lm_head tensor (PEFT without an lm_head adapter) the hidden states are blended instead,
-    which needs no concatenated weight.
-    """
-    if not 0.0 <= mix <= 1.0 or math.isnan(mix):
-        raise ValueError(f"The trust-region mix must lie in [0, 1], got {mix}.")
-    if ref_weight is live_weight or (
-        ref_weight.data_ptr() == live_weight.data_ptr() and ref_weight.shape == live_weight.shape
-    ):
-        return torch.lerp(ref_hidden.float(), live_hidden.float(), mix).to(ref_hidden.dtype), ref_weight
-    hidden = torch.cat([(1.0 - mix) * ref_hidden, mix * live_hidden.to(ref_hidden.dtype)], dim=-1)
-    weight = torch.cat([ref_weight, live_weight.to(ref_weight.dtype)], dim=-1)
-    return hidden, weight

@@ -617,7 +617,7 @@ def test_lora_teacher_uses_its_own_lm_head_copy(tmp_path):
     teacher = trainer.teacher.lm_head_weight(trainer.model)
     torch.testing.assert_close(teacher, student.detach())  # a copy of the student's at the start …
     with torch.no_grad():
-        for name, p in trainer.teacher.params.items():
+        for name in trainer.teacher.params:
             if "modules_to_save" in name:
                 trainer.teacher.snapshot[name].mul_(3.0)
     torch.testing.assert_close(trainer.teacher.lm_head_weight(trainer.model), 3 * student.detach())  # … but its own

@@ -146,6 +146,58 @@ def agg_loss(
     return numerator / count.clamp(min=1.0)
 
 
+def weighted_token_loss(
+    per_token: torch.Tensor,
+    student_log_probs: torch.Tensor,
+    old_log_probs: torch.Tensor | None,
+    *,
+    is_clip: float | None,
+    rollout_is_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token loss × the detached IS ratio min(π_S/π_old, is_clip) × the rollout (sampler) IS weights.
+
+    Returns `(weighted, ratio)`; `ratio` is None when `is_clip` is None.
+    """
+    ratio = None
+    if is_clip is not None:
+        if old_log_probs is None:
+            raise ValueError(
+                "is_clip is set but old_log_probs is None. Pass the behaviour policy's log-probs, or pass "
+                "old_log_probs=student_log_probs.detach() when training on-policy (the ratio is then exactly 1), "
+                "or set is_clip=None to disable the importance-sampling correction."
+            )
+        ratio = importance_ratio(student_log_probs, old_log_probs, is_clip)
+        per_token = per_token * ratio
+    if rollout_is_weights is not None:
+        per_token = per_token * rollout_is_weights
+    return per_token, ratio
+
+
+def self_distillation_objective(
+    per_token: torch.Tensor,
+    student_log_probs: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    old_log_probs: torch.Tensor | None,
+    is_clip: float | None,
+    loss_agg_mode: str,
+    rollout_is_weights: torch.Tensor | None = None,
+    denominator: torch.Tensor | float | None = None,
+    response_width: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The one composition of the SDPO loss from per-token terms: IS ratio, rollout weights, masked aggregation.
+
+    `compute_self_distillation_loss` (one micro-batch, the reference) and `SDPOTrainer` (the whole
+    optimizer step: `denominator` is the step's count, see `agg_loss`) both call it.
+    Returns `(loss, weighted_per_token, ratio)`.
+    """
+    weighted, ratio = weighted_token_loss(
+        per_token, student_log_probs, old_log_probs, is_clip=is_clip, rollout_is_weights=rollout_is_weights
+    )
+    loss = agg_loss(weighted, mask, loss_agg_mode, denominator=denominator, response_width=response_width)
+    return loss, weighted, ratio
+
+
 def compute_self_distillation_loss(
     student_log_probs: torch.Tensor,
     teacher_log_probs: torch.Tensor,
@@ -163,8 +215,12 @@ def compute_self_distillation_loss(
     full_logit_distillation: bool = True,
     is_clip: float | None = 2.0,
     loss_agg_mode: str = "token-mean",
+    response_width: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The SDPO loss of one micro-batch, from log-probabilities (reference-faithful).
+
+    `SDPOTrainer`'s loss for an optimizer step equals this function applied to all of that step's
+    samples at once (in every aggregation mode), whatever the micro-batch size and the number of processes.
 
     Args:
         student_log_probs: (B, R) log π_S(y_t) of the sampled tokens, with grad.
@@ -182,6 +238,8 @@ def compute_self_distillation_loss(
         full_logit_distillation: False selects the token-level surrogate (needs alpha == 1).
         is_clip: upper clip of the detached importance ratio; None disables it.
         loss_agg_mode: one of the four reference aggregation modes (see `agg_loss`).
+        response_width: R of `seq-mean-token-sum-norm`, the padded response width (the trainer's
+            `max_completion_length`); defaults to the width of the tensors.
 
     Returns:
         `(loss, metrics)`: the scalar loss and a dict of plain floats.
@@ -212,23 +270,19 @@ def compute_self_distillation_loss(
         per_token = token_level_surrogate(student_log_probs, teacher_log_probs)
     divergence_values = per_token.detach()
 
-    ratio = None
-    if is_clip is not None:
-        if old_log_probs is None:
-            raise ValueError(
-                "is_clip is set but old_log_probs is None. Pass the behaviour policy's log-probs, or pass "
-                "old_log_probs=student_log_probs.detach() when training on-policy (the ratio is then exactly 1), "
-                "or set is_clip=None to disable the importance-sampling correction."
-            )
-        ratio = importance_ratio(student_log_probs, old_log_probs, is_clip)
-        per_token = per_token * ratio
-    if rollout_is_weights is not None:
-        per_token = per_token * rollout_is_weights
-
     mask = response_mask.to(per_token.dtype)
     if self_distillation_mask is not None:
         mask = mask * self_distillation_mask.to(per_token.dtype).unsqueeze(-1)
-    loss = agg_loss(per_token, mask, loss_agg_mode)
+    loss, _, ratio = self_distillation_objective(
+        per_token,
+        student_log_probs,
+        mask,
+        old_log_probs=old_log_probs,
+        is_clip=is_clip,
+        loss_agg_mode=loss_agg_mode,
+        rollout_is_weights=rollout_is_weights,
+        response_width=response_width,
+    )
 
     n_tokens = float(mask.sum())
     metrics = {

@@ -39,7 +39,7 @@ from .distributed import full_weight, parallelism, zero3_gathered
 from .ema import EMATeacherCallback, ema_period
 from .forward import SDPORequest, add_sdpo_forward, check_head_compatible, logit_scale
 from .head import resolve_backend, sdpo_head
-from .loss import agg_loss, importance_ratio, token_level_surrogate
+from .loss import self_distillation_objective, token_level_surrogate
 from .reprompting import PromptCodec, build_teacher_contexts, group_key, question_text, tokenize_reprompt
 from .rewards import FeedbackStore, wrap_reward_function
 from .teacher import build_teacher
@@ -373,16 +373,17 @@ class _SDPOTrainerMixin:
 
         per_token = div if sdpo.full_logit_distillation else token_level_surrogate(logp_s, logp_t)
         old = inputs.get("old_per_token_logps")
-        old = logp_s.detach() if old is None else old
-        ratio = None
-        if sdpo.is_clip is not None:
-            ratio = importance_ratio(logp_s, old, sdpo.is_clip)
-            per_token = per_token * ratio
-        if "importance_sampling_ratio" in inputs:  # vLLM sampler correction (the reference's rollout IS weights)
-            per_token = per_token * inputs["importance_sampling_ratio"]
-        denominator = self._denominator(inputs, mode)
-        sdpo_loss = agg_loss(
-            per_token, loss_mask, sdpo.loss_agg_mode, denominator=denominator, response_width=self.max_completion_length
+        sdpo_loss, per_token, ratio = self_distillation_objective(
+            per_token,
+            logp_s,
+            loss_mask,
+            old_log_probs=logp_s.detach() if old is None else old,
+            is_clip=sdpo.is_clip,
+            loss_agg_mode=sdpo.loss_agg_mode,
+            # the vLLM sampler correction: the reference's rollout IS weights
+            rollout_is_weights=inputs.get("importance_sampling_ratio"),
+            denominator=self._denominator(inputs, mode),
+            response_width=self.max_completion_length,
         )
         loss = sdpo_loss
         if sdpo.grpo_weight > 0:
@@ -394,20 +395,22 @@ class _SDPOTrainerMixin:
         self._log_loss_metrics(mode, per_token, div, logp_s, logp_t, loss_mask, ratio)
         return loss
 
-    def _denominator(self, inputs, mode: str) -> torch.Tensor:
+    def _denominator(self, inputs, mode: str) -> torch.Tensor | float:
         """The optimizer-step-wide count behind the aggregation, as TRL's `dapo` normaliser does for GRPO.
 
         Summing this micro-batch's loss over the accumulation window and averaging over processes (DDP)
-        then gives the aggregation of the whole optimizer step, whatever the micro-batch size.
+        then gives `compute_self_distillation_loss` over the whole optimizer step, whatever the
+        micro-batch size. The counts span the generation batch, so they are rescaled to one step.
+        `seq-mean-token-sum-norm` divides by R only, so it has no count: just the process average.
         """
         key = {
             "token-mean": "sdpo_num_tokens",
             "seq-mean-token-sum": "sdpo_num_active_seqs",
             "seq-mean-token-mean": "sdpo_num_active_seqs",
-            "seq-mean-token-sum-norm": "sdpo_num_seqs",
-        }[self.sdpo_config.loss_agg_mode]
-        mode_count = inputs[key]
-        normaliser = mode_count.clamp(min=1.0) / self.accelerator.num_processes
+        }.get(self.sdpo_config.loss_agg_mode)
+        if key is None:
+            return 1.0 / self.accelerator.num_processes
+        normaliser = inputs[key].clamp(min=1.0) / self.accelerator.num_processes
         if mode == "train":
             normaliser = normaliser * self._accumulation_steps() / self.args.steps_per_generation
         return normaliser

@@ -214,9 +214,10 @@ def test_loss_decreases_over_steps(tmp_path):
     assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3, losses
 
 
-def test_gradient_accumulation_invariance(tmp_path):
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum-norm"])
+def test_gradient_accumulation_invariance(tmp_path, agg):
     # GA=4 × 2 per device and GA=1 × 8 see the same 8 completions (one generate call each) and must
-    # take the same optimizer step.
+    # take the same optimizer step: `compute_self_distillation_loss` over the step's 8 samples.
     def step(ga, bs):
         trainer = make_trainer(
             tmp_path / f"ga{ga}",
@@ -227,7 +228,7 @@ def test_gradient_accumulation_invariance(tmp_path):
             optim="sgd",
             learning_rate=1.0,
             max_grad_norm=0.0,
-            sdpo=SDPOConfig(distillation_topk=10, teacher_update_rate=0.0),
+            sdpo=SDPOConfig(distillation_topk=10, teacher_update_rate=0.0, loss_agg_mode=agg),
         )
         before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
         trainer.train()
@@ -543,12 +544,9 @@ def test_loss_variants_match_the_reference_function(tmp_path, variant, monkeypat
         full_logit_distillation=cfg.full_logit_distillation,
         is_clip=cfg.is_clip,
         loss_agg_mode=cfg.loss_agg_mode,
+        response_width=trainer.max_completion_length,  # R: the padded response width, as the reference pads
         **kw,
     )
-    if cfg.loss_agg_mode == "seq-mean-token-sum-norm":  # the trainer also divides by the number of sequences
-        expected = (
-            expected * inputs["completion_mask"].shape[1] / trainer.max_completion_length / inputs["sdpo_num_seqs"]
-        )
     assert loss.item() == pytest.approx(expected.item(), rel=2e-4, abs=1e-7)
 
 

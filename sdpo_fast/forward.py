@@ -14,6 +14,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import sys
+
+import torch
 
 from .distributed import param_shape
 
@@ -23,13 +26,28 @@ class SDPORequest:
 
     With `head=None` the forward returns them, (B, T, H). Otherwise it returns `head(hidden,
     lm_head_weight)`, computed *inside* the forward so that DDP/FSDP hooks see every parameter use.
+    With `router_aux=True` (Mixture-of-Experts) it returns `(result, load-balancing loss)`, the loss
+    the model's own forward would return as `aux_loss` with `output_router_logits=True`.
     """
 
-    __slots__ = ("completion_length", "head")
+    __slots__ = ("completion_length", "head", "router_aux")
 
-    def __init__(self, completion_length: int, head=None):
+    def __init__(self, completion_length: int, head=None, router_aux: bool = False):
         self.completion_length = completion_length
         self.head = head
+        self.router_aux = router_aux
+
+
+def router_aux_loss(model, router_logits, attention_mask) -> torch.Tensor:
+    """The architecture's own load-balancing loss, from its modeling module (Mixtral, Qwen3-MoE, GPT-OSS, …)."""
+    func = getattr(sys.modules[type(model).__module__], "load_balancing_loss_func", None)
+    if func is None or router_logits is None:
+        raise NotImplementedError(
+            f"{type(model).__name__} has `output_router_logits` but SDPO cannot find its load-balancing loss "
+            "(`load_balancing_loss_func` in its modeling module). Set GRPOConfig(router_aux_loss_coef=0.0) to train "
+            "without it."
+        )
+    return func(router_logits, model.num_experts, model.num_experts_per_tok, attention_mask)
 
 
 def _signature_with_sdpo(signature: inspect.Signature) -> inspect.Signature:
@@ -59,12 +77,17 @@ def add_sdpo_forward(model) -> None:
             return previous(*args, **kwargs)
         kwargs["use_cache"] = False
         kwargs.pop("logits_to_keep", None)
+        if sdpo.router_aux:
+            kwargs["output_router_logits"] = True
         backbone = model.base_model if model.base_model is not model else model.model
-        hidden = backbone(*args, **kwargs).last_hidden_state
-        hidden = hidden[:, -sdpo.completion_length - 1 : -1]  # the positions that predict the completion tokens
-        if sdpo.head is None:
-            return hidden
-        return sdpo.head(hidden, model.get_output_embeddings().weight)
+        outputs = backbone(*args, **kwargs)
+        hidden = outputs.last_hidden_state[
+            :, -sdpo.completion_length - 1 : -1
+        ]  # the positions predicting the completion
+        result = hidden if sdpo.head is None else sdpo.head(hidden, model.get_output_embeddings().weight)
+        if sdpo.router_aux:
+            return result, router_aux_loss(model, outputs.router_logits, kwargs.get("attention_mask"))
+        return result
 
     functools.update_wrapper(forward, previous)
     forward.__signature__ = _signature_with_sdpo(inspect.signature(previous))

@@ -1,8 +1,10 @@
 """Reward functions that return feedback: `[{"score": float, "feedback": str}, …]` next to TRL's `[float, …]`.
 
 `wrap_reward_function` turns either form into what TRL's reward machinery expects (floats, or
-None for "not applicable") and keeps the feedback strings for the reprompting step. Anything else
-is a `TypeError`/`ValueError` that names the function, the offending value and the accepted shapes.
+None for "not applicable") and keeps the feedback strings for the reprompting step. TRL's own
+conventions hold: NaN means "not applicable" like None, and TRL itself checks that there is one
+reward per completion (a `ValueError`). Anything else is a `TypeError`/`ValueError` that names the
+function, the offending value and the accepted shapes.
 """
 
 from __future__ import annotations
@@ -33,10 +35,12 @@ def _score(value: Any, name: str, index: int) -> float | None:
         value = value.item()
     if isinstance(value, numbers.Real):
         score = float(value)
-        if not math.isfinite(score):
+        if math.isnan(score):  # TRL's meaning: not applicable, like None
+            return None
+        if math.isinf(score):
             raise ValueError(
                 f"Reward function {name!r} returned {score} for completion {index}. Rewards must be finite; "
-                "return None for a completion the function does not apply to."
+                "return None (or NaN) for a completion the function does not apply to."
             )
         return score
     raise TypeError(
@@ -44,19 +48,16 @@ def _score(value: Any, name: str, index: int) -> float | None:
     )
 
 
-def normalise_reward_output(
-    output: Any, name: str, expected: int
-) -> tuple[list[float | None], list[str | None] | None]:
-    """Split one reward function's output into scores and (optional) feedback strings."""
+def normalise_reward_output(output: Any, name: str) -> tuple[list[float | None], list[str | None] | None]:
+    """Split one reward function's output into scores and (optional) feedback strings.
+
+    The number of entries is TRL's to check (it raises a `ValueError` naming the function).
+    """
     if isinstance(output, str | bytes | dict) or not (hasattr(output, "__len__") and hasattr(output, "__iter__")):
         raise TypeError(
             f"Reward function {name!r} returned {type(output).__name__} {output!r:.80}; expected {ACCEPTED}."
         )
     values = list(output)
-    if len(values) != expected:
-        raise TypeError(
-            f"Reward function {name!r} returned {len(values)} values for {expected} completions; expected {ACCEPTED}."
-        )
     scores: list[float | None] = []
     feedback: list[str | None] = []
     has_feedback = False
@@ -103,9 +104,8 @@ class FeedbackStore:
 def wrap_reward_function(func: Callable, index: int, name: str, store: FeedbackStore) -> Callable:
     """A drop-in replacement for `func` that returns floats/None and records feedback in `store`."""
 
-    def handle(output: Any, kwargs: dict[str, Any]) -> list[float | None]:
-        expected = len(kwargs.get("completions", kwargs.get("prompts", ())))
-        scores, feedback = normalise_reward_output(output, name, expected)
+    def handle(output: Any) -> list[float | None]:
+        scores, feedback = normalise_reward_output(output, name)
         if feedback is not None:
             store.by_function[index] = feedback
         return scores
@@ -113,13 +113,13 @@ def wrap_reward_function(func: Callable, index: int, name: str, store: FeedbackS
     if _is_async(func):
 
         async def wrapped_async(*args, **kwargs):
-            return handle(await func(*args, **kwargs), kwargs)
+            return handle(await func(*args, **kwargs))
 
         wrapped = wrapped_async
     else:
 
         def wrapped_sync(*args, **kwargs):
-            return handle(func(*args, **kwargs), kwargs)
+            return handle(func(*args, **kwargs))
 
         wrapped = wrapped_sync
     wrapped.__name__ = name

@@ -22,6 +22,8 @@ full-vocabulary logits itself.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import logging
 import math
 import os
@@ -30,7 +32,7 @@ from typing import Any, ClassVar
 
 import torch
 from accelerate.utils import gather_object, is_peft_model
-from datasets import Dataset, IterableDataset
+from datasets import IterableDataset
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOConfig, GRPOTrainer
 
@@ -61,10 +63,34 @@ def _teacher_kwargs(ids: torch.Tensor, att: torch.Tensor) -> dict[str, torch.Ten
 # ---------------------------------------------------------------------------------------------- the trainer
 
 
-def _is_dataset(obj: Any) -> bool:
-    return isinstance(obj, Dataset | IterableDataset) or (
-        isinstance(obj, dict) and obj and all(isinstance(v, Dataset | IterableDataset) for v in obj.values())
+# GRPO loss options SDPO does not use: pure SDPO (grpo_weight=0) ignores all of them, the blend only the first four.
+_BLEND_IGNORED = ("top_entropy_quantile", "off_policy_mask_threshold", "entropy_coef", "use_adaptive_entropy")
+_PURE_SDPO_IGNORED = (*_BLEND_IGNORED, "loss_type", "epsilon", "epsilon_high", "delta", "importance_sampling_level")
+
+
+def _changed_grpo_options(args: GRPOConfig, names: tuple[str, ...]) -> list[str]:
+    """The options among `names` that `args` sets away from GRPOConfig's defaults (absent ones are skipped)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(GRPOConfig)}
+    return [
+        f"{name}={getattr(args, name)!r}"
+        for name in names
+        if name in defaults and hasattr(args, name) and getattr(args, name) != defaults[name]
+    ]
+
+
+def _legacy_positional_config(args: tuple, sdpo_config: SDPOConfig | None) -> tuple[tuple, SDPOConfig | None]:
+    """v0.1.0 took `sdpo_config` as the 4th positional argument; GRPOTrainer's 4th is `train_dataset`."""
+    if len(args) < 4 or not isinstance(args[3], SDPOConfig):
+        return args, sdpo_config
+    if sdpo_config is not None:
+        raise TypeError("sdpo_config was given twice: positionally (4th) and as a keyword. Pass it as a keyword.")
+    warnings.warn(
+        "Passing SDPOConfig as the 4th positional argument is deprecated: SDPOTrainer takes GRPOTrainer's "
+        "positional order, so pass it as `sdpo_config=`.",
+        FutureWarning,
+        stacklevel=4,
     )
+    return args[:3] + args[4:], args[3]
 
 
 class _SDPOTrainerMixin:
@@ -73,82 +99,26 @@ class _SDPOTrainerMixin:
     _tag_names: ClassVar[list[str]] = ["trl", "grpo", "sdpo", "sdpo-fast"]
     _name = "SDPO"
 
-    def __init__(
-        self,
-        model,
-        reward_funcs=None,
-        args: GRPOConfig | None = None,
-        sdpo_config: SDPOConfig | None = None,
-        train_dataset=None,
-        eval_dataset=None,
-        processing_class=None,
-        reward_processing_classes=None,
-        callbacks=None,
-        optimizers=(None, None),
-        peft_config=None,
-        **grpo_kwargs,
-    ):
-        # GRPOTrainer's positional order is (model, reward_funcs, args, train_dataset, eval_dataset, ...):
-        # accept it unchanged so existing code keeps working.
-        if _is_dataset(sdpo_config):
-            sdpo_config, train_dataset, eval_dataset = (
-                None,
-                sdpo_config,
-                train_dataset if eval_dataset is None else eval_dataset,
-            )
+    def __init__(self, *args, sdpo_config: SDPOConfig | None = None, **kwargs):
+        # Every positional and keyword argument means what it means to the GRPOTrainer underneath (TRL's or
+        # Unsloth's): bind them to its own signature instead of restating it.
+        args, sdpo_config = _legacy_positional_config(args, sdpo_config)
+        bound = inspect.signature(super().__init__).bind(*args, **kwargs)
+        given = bound.arguments
         if sdpo_config is not None and not isinstance(sdpo_config, SDPOConfig):
             raise TypeError(f"sdpo_config must be an SDPOConfig, got {type(sdpo_config).__name__}.")
         self.sdpo_config = sdpo = sdpo_config or SDPOConfig()
-        if args is None:
-            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
-            args = GRPOConfig(f"{str(name).split('/')[-1] or 'model'}-SDPO")
+        if given.get("args") is None:
+            model = given.get("model")
+            name = (
+                model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "model")
+            )
+            given["args"] = GRPOConfig(f"{str(name).split('/')[-1] or 'model'}-SDPO")
         if sdpo.enabled:
-            if args.beta != 0.0:
-                logger.warning(
-                    "SDPO replaces GRPO's KL penalty: the teacher is the reference model. Setting beta=%s → 0.0.",
-                    args.beta,
-                )
-                args.beta = 0.0
-            if args.sync_ref_model:
-                raise ValueError(
-                    "sync_ref_model=True conflicts with SDPO, whose teacher is the reference model updated by "
-                    "SDPOConfig.teacher_update_rate. Set sync_ref_model=False."
-                )
-            if sdpo.grpo_weight > 0 and args.loss_type not in _GRPO_LOSS_TYPES:
-                raise ValueError(
-                    f"grpo_weight > 0 blends a GRPO loss of loss_type in {_GRPO_LOSS_TYPES}; got loss_type="
-                    f"{args.loss_type!r}. Choose one of those, or grpo_weight=0."
-                )
-            ignored = [
-                name
-                for name, active in (
-                    ("top_entropy_quantile", args.top_entropy_quantile < 1.0),
-                    ("off_policy_mask_threshold", args.off_policy_mask_threshold is not None),
-                    ("entropy_coef", args.entropy_coef != 0.0 or args.use_adaptive_entropy),
-                )
-                if active
-            ]
-            if sdpo.grpo_weight > 0 and ignored:
-                logger.warning("The SDPO/GRPO blend ignores these GRPO options: %s.", ", ".join(ignored))
-            _check_dataset(train_dataset, processing_class)
-        super().__init__(
-            model,
-            reward_funcs=reward_funcs,
-            args=args,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            reward_processing_classes=reward_processing_classes,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            peft_config=peft_config,
-            **grpo_kwargs,
-        )
-        # Reward functions may return {"score", "feedback"} dicts: wrap the callables after TRL has named them.
+            self._check_grpo_args(given["args"])
+            _check_dataset(given.get("train_dataset"), given.get("processing_class"))
+        super().__init__(*bound.args, **bound.kwargs)
         self._feedback = FeedbackStore()
-        for i, func in enumerate(self.reward_funcs):
-            if not isinstance(func, torch.nn.Module):
-                self.reward_funcs[i] = wrap_reward_function(func, i, self.reward_func_names[i], self._feedback)
         self._sdpo_batch: dict[str, Any] = {}
         self._warned: set[str] = set()
         self._backend_logged = False
@@ -173,6 +143,36 @@ class _SDPOTrainerMixin:
         logger.info("SDPO: teacher=%s, head backend=%s", self.teacher.kind, self.sdpo_backend)
 
     # ------------------------------------------------------------------------------------ setup
+
+    def _check_grpo_args(self, args: GRPOConfig) -> None:
+        sdpo = self.sdpo_config
+        if args.beta != 0.0:
+            logger.warning(
+                "SDPO replaces GRPO's KL penalty: the teacher is the reference model. Setting beta=%s → 0.0.", args.beta
+            )
+            args.beta = 0.0
+        if args.sync_ref_model:
+            raise ValueError(
+                "sync_ref_model=True conflicts with SDPO, whose teacher is the reference model updated by "
+                "SDPOConfig.teacher_update_rate. Set sync_ref_model=False."
+            )
+        if sdpo.grpo_weight > 0 and args.loss_type not in _GRPO_LOSS_TYPES:
+            raise ValueError(
+                f"grpo_weight > 0 blends a GRPO loss of loss_type in {_GRPO_LOSS_TYPES}; got loss_type="
+                f"{args.loss_type!r}. Choose one of those, or grpo_weight=0."
+            )
+        if sdpo.grpo_weight > 0:
+            ignored = _changed_grpo_options(args, _BLEND_IGNORED)
+            if ignored:
+                logger.warning("The SDPO/GRPO blend ignores these GRPO options: %s.", ", ".join(ignored))
+        else:
+            ignored = _changed_grpo_options(args, _PURE_SDPO_IGNORED)
+            if ignored:
+                logger.warning(
+                    "Pure SDPO (grpo_weight=0) has no GRPO policy loss, so it ignores these GRPO options: %s. Set "
+                    "SDPOConfig.grpo_weight > 0 to blend in the GRPO loss they configure.",
+                    ", ".join(ignored),
+                )
 
     def _check_parallelism(self, peft: bool) -> None:
         if self._parallelism == "fsdp1":
@@ -225,8 +225,20 @@ class _SDPOTrainerMixin:
     # ------------------------------------------------------------------------------------ rewards and teacher inputs
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        if not self.sdpo_config.enabled:
+            return super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        # Reward functions may return {"score", "feedback"} dicts. They are wrapped for this call only, so that
+        # `trainer.reward_funcs` keeps the user's objects and TRL's own checks (lengths, None → NaN) still run.
         self._feedback.clear()
-        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        user_funcs = self.reward_funcs
+        self.reward_funcs = [
+            func if isinstance(func, torch.nn.Module) else wrap_reward_function(func, i, name, self._feedback)
+            for i, (func, name) in enumerate(zip(user_funcs, self.reward_func_names))
+        ]
+        try:
+            rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        finally:
+            self.reward_funcs = user_funcs
         self._sdpo_batch = {
             "inputs": inputs,
             "prompts": prompts,
@@ -368,7 +380,7 @@ class _SDPOTrainerMixin:
         score_mask = (mask if sdpo.grpo_weight > 0 else loss_mask) > 0
 
         teacher = self._teacher_states(model, inputs, score_mask)
-        out = self._student_head(model, inputs, score_mask, teacher)
+        out, aux_loss = self._student_head(model, inputs, score_mask, teacher)
         div, logp_s, logp_t = out["divergence"], out["student_logprob"], out["teacher_logprob"]
 
         per_token = div if sdpo.full_logit_distillation else token_level_surrogate(logp_s, logp_t)
@@ -392,6 +404,11 @@ class _SDPOTrainerMixin:
             self._metrics[mode]["sdpo/grpo_loss"].append(
                 self.accelerator.reduce(grpo_loss.detach(), reduction="mean").item()
             )
+        if aux_loss is not None:  # MoE load balancing, scaled for gradient accumulation as GRPOTrainer does
+            loss = loss + self.router_aux_loss_coef * aux_loss / (
+                self._accumulation_steps() if mode == "train" else 1.0
+            )
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss.detach()).mean().item())
         self._log_loss_metrics(mode, per_token, div, logp_s, logp_t, loss_mask, ratio)
         return loss
 
@@ -456,8 +473,8 @@ class _SDPOTrainerMixin:
         full[row_idx] = hidden_rows
         return full[score_mask], weight
 
-    def _student_head(self, model, inputs, score_mask, teacher) -> dict[str, torch.Tensor]:
-        """One student forward; the fused head runs inside it on the scored positions."""
+    def _student_head(self, model, inputs, score_mask, teacher) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """One student forward; the fused head runs inside it on the scored positions. Also the MoE aux loss."""
         sdpo = self.sdpo_config
         completion_ids = inputs["completion_ids"]
         targets = completion_ids[score_mask]
@@ -501,10 +518,11 @@ class _SDPOTrainerMixin:
 
         input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        router_aux = bool(getattr(self, "aux_loss_enabled", False))
+        request = SDPORequest(completion_ids.shape[1], head, router_aux=router_aux)
         with self.accelerator.autocast():
-            return model(
-                input_ids=input_ids, attention_mask=attention_mask, sdpo=SDPORequest(completion_ids.shape[1], head)
-            )
+            result = model(input_ids=input_ids, attention_mask=attention_mask, sdpo=request)
+        return result if router_aux else (result, None)
 
     def _grpo_loss(self, logp: torch.Tensor, inputs, mask: torch.Tensor, mode: str) -> torch.Tensor:
         """GRPO's clipped surrogate from the same student log-probs (loss types grpo/bnpo/dr_grpo/dapo)."""

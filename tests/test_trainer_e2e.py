@@ -403,7 +403,11 @@ def test_trust_region_teacher_blends_initial_and_live_logits(tmp_path, monkeypat
 
 def test_bad_reward_outputs_are_clear_errors(tmp_path):
     cases = [
-        (lambda completions, **k: [0.0] * (len(completions) - 1), TypeError, r"returned 3 values for 4 completions"),
+        (
+            lambda completions, **k: [0.0] * (len(completions) - 1),
+            ValueError,
+            r"returned 3 rewards, but 4 were expected",
+        ),
         (lambda completions, **k: [{"feedback": "x"}] * len(completions), TypeError, r"without a 'score' key"),
         (
             lambda completions, **k: [{"score": 1.0, "feedback": 3}] * len(completions),
@@ -411,7 +415,7 @@ def test_bad_reward_outputs_are_clear_errors(tmp_path):
             r"non-string feedback",
         ),
         (lambda completions, **k: ["good"] * len(completions), TypeError, r"returned 'good'"),
-        (lambda completions, **k: [float("nan")] * len(completions), ValueError, r"returned nan .* finite"),
+        (lambda completions, **k: [float("-inf")] * len(completions), ValueError, r"returned -inf .* finite"),
         (lambda completions, **k: "1.0", TypeError, r"returned str"),
     ]
     for func, exc, pattern in cases:

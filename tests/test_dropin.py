@@ -1,0 +1,208 @@
+"""`SDPOTrainer` as a drop-in `GRPOTrainer`: TRL's conventions and behaviours that SDPO must not change.
+
+Each test reproduces an incompatibility found by running SDPOTrainer through GRPO usage it had never
+seen (MoE aux losses, reward-function identity and call shapes, generation signature checks, the
+positional order, NaN rewards, exception types, ignored options).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+from tiny_setup import chat_dataset, first_batch, grpo_args, half_success, make_trainer, model, tokenizer
+from transformers import Qwen2ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM, TrainerCallback
+from trl import GRPOTrainer
+
+from sdpo_fast import SDPOConfig, SDPOTrainer
+from sdpo_fast.forward import SDPORequest, add_sdpo_forward
+from sdpo_fast.rewards import FeedbackStore, wrap_reward_function
+
+# ------------------------------------------------------------------ 1. MoE router losses
+
+
+def tiny_moe():
+    tok = tokenizer()
+    config = Qwen3MoeConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=4,
+        num_experts_per_tok=2,
+        output_router_logits=True,
+        router_aux_loss_coef=0.05,
+        tie_word_embeddings=True,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    torch.manual_seed(0)
+    return Qwen3MoeForCausalLM(config)
+
+
+def test_patched_forward_returns_the_models_own_moe_aux_loss():
+    m = tiny_moe().eval()
+    ids = torch.randint(5, 60, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    with torch.no_grad():
+        expected = m(input_ids=ids, attention_mask=mask, output_router_logits=True).aux_loss
+        add_sdpo_forward(m)
+        hidden, aux = m(input_ids=ids, attention_mask=mask, sdpo=SDPORequest(4, router_aux=True))
+    assert hidden.shape == (2, 4, 32)
+    torch.testing.assert_close(aux, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("grpo_weight", [0.0, 0.5])
+def test_moe_aux_loss_is_added_and_logged_like_grpo(tmp_path, grpo_weight, monkeypatch):
+    trainer = make_trainer(tmp_path, model_=tiny_moe(), sdpo=SDPOConfig(distillation_topk=10, grpo_weight=grpo_weight))
+    assert trainer.aux_loss_enabled and trainer.router_aux_loss_coef == 0.05
+    inputs = first_batch(trainer)
+    loss_with = trainer.compute_loss(trainer.model, inputs)
+    aux = trainer._metrics["train"]["aux_loss"]
+    assert len(aux) == 1 and aux[0] > 0
+    monkeypatch.setattr(trainer, "aux_loss_enabled", False)
+    loss_without = trainer.compute_loss(trainer.model, inputs)
+    assert loss_with.item() == pytest.approx(loss_without.item() + 0.05 * aux[0], rel=1e-5, abs=1e-8)
+
+
+# ------------------------------------------------------------------ 2. reward functions: identity and call shapes
+
+
+def test_reward_functions_stay_the_users_objects(tmp_path):
+    for sdpo in (SDPOConfig(enabled=False), SDPOConfig(distillation_topk=10)):
+        trainer = make_trainer(tmp_path, sdpo=sdpo)
+        assert trainer.reward_funcs[0] is half_success
+        first_batch(trainer)  # a reward call happened …
+        assert trainer.reward_funcs[0] is half_success  # … and left it as it was
+
+
+def test_reward_wrapper_takes_any_call_shape():
+    store = FeedbackStore()
+
+    def env_reward(*args, environments=None, **kwargs):  # TRL's environment-owned rewards, called positionally too
+        n = len(args[0]) if args else len(environments)
+        return [{"score": 1.0, "feedback": "ok"}] * n
+
+    wrapped = wrap_reward_function(env_reward, 0, "env_reward", store)
+    assert wrapped(environments=[object(), object()]) == [1.0, 1.0]
+    assert wrapped(["p1", "p2", "p3"], [["c"]] * 3) == [1.0, 1.0, 1.0]
+    assert store.combined(3) == ["ok", "ok", "ok"]
+
+
+# ------------------------------------------------------------------ 3. generation signature checks
+
+
+class _KwargsOnlyGenerationModel(Qwen2ForCausalLM):
+    """Like NemotronH: `prepare_inputs_for_generation` does not name `attention_mask`, so `generate()`
+    validates the model kwargs against `inspect.signature(model.forward)`."""
+
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, **kwargs):
+        return super().prepare_inputs_for_generation(input_ids, past_key_values=past_key_values, **kwargs)
+
+
+def test_patched_forward_keeps_the_signature_generate_checks():
+    base = model()
+    m = _KwargsOnlyGenerationModel(base.config)
+    m.load_state_dict(base.state_dict())
+    original = inspect.signature(m.forward)
+    add_sdpo_forward(m)
+    patched = inspect.signature(m.forward)
+    assert "attention_mask" in patched.parameters and "sdpo" in patched.parameters
+    assert [p for p in patched.parameters if p != "sdpo"] == list(original.parameters)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    out = m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 7)
+
+
+# ------------------------------------------------------------------ 4. positional order
+
+
+def test_all_positional_arguments_map_as_in_grpo_trainer(tmp_path):
+    class Marker(TrainerCallback):
+        pass
+
+    names = list(inspect.signature(GRPOTrainer.__init__).parameters)[1:11]
+    train, evaluation, tok, marker = chat_dataset(8), chat_dataset(4), tokenizer(), Marker()
+    values = {
+        "model": model(),
+        "reward_funcs": half_success,
+        "args": grpo_args(tmp_path),
+        "train_dataset": train,
+        "eval_dataset": evaluation,
+        "processing_class": tok,
+        "reward_processing_classes": None,
+        "callbacks": [marker],
+        "optimizers": (None, None),
+        "quantization_config": None,
+        "peft_config": None,
+    }
+    trainer = SDPOTrainer(*[values[n] for n in names], sdpo_config=SDPOConfig(distillation_topk=10))
+    assert trainer.train_dataset is train and trainer.eval_dataset is evaluation
+    assert trainer.processing_class is tok and marker in trainer.callback_handler.callbacks
+    assert trainer.reward_funcs == [half_success]
+
+
+def test_legacy_positional_sdpo_config_still_works_with_a_warning(tmp_path):
+    cfg = SDPOConfig(distillation_topk=7)
+    with pytest.warns(FutureWarning, match="sdpo_config="):
+        trainer = SDPOTrainer(
+            model(), half_success, grpo_args(tmp_path), cfg, chat_dataset(), processing_class=tokenizer()
+        )
+    assert trainer.sdpo_config is cfg and len(trainer.train_dataset) == 8
+
+
+# ------------------------------------------------------------------ 5–6. NaN rewards and exception types
+
+
+def test_nan_rewards_mean_not_applicable_and_inf_is_rejected(tmp_path):
+    def nan_first(completions, **kw):
+        return [float("nan") if i == 0 else float(i % 2) for i in range(len(completions))]
+
+    trainer = make_trainer(tmp_path, reward=nan_first)
+    first_batch(trainer)
+    assert torch.isnan(trainer._sdpo_batch["rewards_per_func"][0, 0])  # TRL's "not applicable", as None
+
+    def inf_reward(completions, **kw):
+        return [float("inf")] * len(completions)
+
+    with pytest.raises(ValueError, match=r"inf.*finite"):
+        first_batch(make_trainer(tmp_path, reward=inf_reward))
+
+
+def test_a_wrong_number_of_rewards_raises_trls_exception(tmp_path):
+    def short(completions, **kw):
+        return [0.0] * (len(completions) - 1)
+
+    def short_dicts(completions, **kw):
+        return [{"score": 0.0, "feedback": "x"}] * (len(completions) - 1)
+
+    torch.manual_seed(0)
+    grpo = GRPOTrainer(
+        model(), short, args=grpo_args(tmp_path), train_dataset=chat_dataset(), processing_class=tokenizer()
+    )
+    with pytest.raises(Exception) as grpo_error:
+        first_batch(grpo)
+    for func in (short, short_dicts):
+        with pytest.raises(type(grpo_error.value), match="returned 3 rewards, but 4 were expected"):
+            first_batch(make_trainer(tmp_path, reward=func))
+    assert type(grpo_error.value) is ValueError
+
+
+# ------------------------------------------------------------------ 7. GRPO options pure SDPO ignores
+
+
+def test_grpo_options_that_pure_sdpo_ignores_are_named(tmp_path, caplog):
+    with caplog.at_level("WARNING"):
+        make_trainer(tmp_path, loss_type="grpo", entropy_coef=0.01, top_entropy_quantile=0.5)
+    assert "Pure SDPO (grpo_weight=0)" in caplog.text
+    for name in ("loss_type='grpo'", "entropy_coef=0.01", "top_entropy_quantile=0.5"):
+        assert name in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        make_trainer(tmp_path)
+    assert "ignores these GRPO options" not in caplog.text  # defaults say nothing

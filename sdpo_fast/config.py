@@ -17,6 +17,7 @@ TEACHER_REGULARIZATIONS = ("ema", "trust-region")
 REPROMPT_TRUNCATIONS = ("middle", "left", "right", "error")
 BACKENDS = ("auto", "triton", "torch", "naive")
 TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
+RESUME_TEACHER_FROM = ("checkpoint", "student", "initial")
 
 # The reference's effective templates: YAML `|-` block scalars, so no trailing newlines.
 DEFAULT_REPROMPT_TEMPLATE = "{prompt}{solution}{feedback}\n\nCorrectly solve the original question."
@@ -126,6 +127,12 @@ class SDPOConfig:
     teacher_micro_batch_size: int | None = None
     """*(sdpo-fast)* Rows per no-grad teacher forward; `None` = the whole micro-batch at once."""
 
+    resume_teacher_from: str = "checkpoint"
+    """*(sdpo-fast)* Where the teacher comes from when training resumes from a checkpoint. `checkpoint`:
+    the teacher saved in it (`sdpo_teacher.pt`, verified against its checksum); a missing or damaged file
+    is an error that names it. `student`: restart the teacher as a copy of the restored student (the EMA
+    history is lost). `initial`: restart it from the model as passed to the trainer, before any training."""
+
     # ------------------------------------------------------------------ the fused head
     distillation_backend: str = "auto"
     """*(sdpo-fast)* `auto` (Triton on CUDA GPUs where Triton uses tensor cores, i.e. sm_80+; chunked
@@ -165,6 +172,12 @@ class SDPOConfig:
         _check_choice("reprompt_truncation", self.reprompt_truncation, REPROMPT_TRUNCATIONS)
         _check_choice("distillation_backend", self.distillation_backend, BACKENDS)
         _check_choice("teacher_dtype", self.teacher_dtype, TEACHER_DTYPES)
+        _check_choice("resume_teacher_from", self.resume_teacher_from, RESUME_TEACHER_FROM)
+        if self.resume_teacher_from == "student" and self.teacher_regularization == "trust-region":
+            raise ValueError(
+                "resume_teacher_from='student' cannot restart a trust-region teacher: it is the initial model by "
+                "definition. Use resume_teacher_from='initial' or 'checkpoint'."
+            )
         if not isinstance(self.max_reprompt_len, int) or self.max_reprompt_len < 1:
             raise ValueError(f"max_reprompt_len must be a positive number of tokens, got {self.max_reprompt_len!r}.")
         if self.teacher_micro_batch_size is not None and (

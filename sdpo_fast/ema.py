@@ -129,6 +129,8 @@ class EMATeacherCallback(TrainerCallback):
         period: optimizer steps between updates.
         gradients: returns the student's gradient tensors, to check finiteness before each step.
         all_reduce_flag: combines the per-process finiteness flag (sharded gradients differ by rank).
+        step_finite: instead of `gradients`, returns whether the coming step's gradients are finite
+            (given the trainer state); the trainer passes its `NonFiniteStepGuard`'s verdict.
     """
 
     def __init__(
@@ -137,6 +139,7 @@ class EMATeacherCallback(TrainerCallback):
         period: int,
         gradients: Callable[[], list[torch.Tensor]] | None = None,
         all_reduce_flag: Callable[[bool], bool] | None = None,
+        step_finite: Callable[[object], bool] | None = None,
     ):
         if period < 1:
             raise ValueError(f"period must be ≥ 1 optimizer step, got {period}.")
@@ -144,11 +147,15 @@ class EMATeacherCallback(TrainerCallback):
         self.period = period
         self.gradients = gradients
         self.all_reduce_flag = all_reduce_flag or (lambda flag: flag)
+        self.step_finite = step_finite
         self.fired_at: list[int] = []
         self.skipped_at: list[int] = []
         self._finite_step_in_window = False
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.step_finite is not None:
+            self._finite_step_in_window |= self.step_finite(state)
+            return
         finite = True
         if self.gradients is not None:
             grads = [g for g in self.gradients() if g is not None]
@@ -160,7 +167,7 @@ class EMATeacherCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % self.period != 0:
             return
-        if self.gradients is None or self._finite_step_in_window:
+        if (self.gradients is None and self.step_finite is None) or self._finite_step_in_window:
             self.update()
             self.fired_at.append(state.global_step)
         else:

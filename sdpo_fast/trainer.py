@@ -33,12 +33,19 @@ from typing import Any, ClassVar
 import torch
 from accelerate.utils import gather_object, is_peft_model
 from datasets import IterableDataset
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from trl import GRPOConfig, GRPOTrainer
 
 from .config import SDPOConfig
 from .distributed import full_weight, parallelism, zero3_gathered
 from .ema import EMATeacherCallback, ema_period
+from .faults import (
+    NonFiniteStepGuard,
+    check_checkpoint_matches,
+    load_teacher,
+    save_teacher,
+    upgrade_legacy,
+)
 from .forward import SDPORequest, add_sdpo_forward, check_head_compatible, logit_scale
 from .head import resolve_backend, sdpo_head
 from .loss import self_distillation_objective, token_level_surrogate
@@ -49,7 +56,6 @@ from .unsloth import current_grpo_trainer, rebased_trainer_class
 
 logger = logging.getLogger(__name__)
 
-TEACHER_CHECKPOINT_FILE = "sdpo_teacher.pt"
 _GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
 
@@ -76,6 +82,34 @@ def _changed_grpo_options(args: GRPOConfig, names: tuple[str, ...]) -> list[str]
         for name in names
         if name in defaults and hasattr(args, name) and getattr(args, name) != defaults[name]
     ]
+
+
+def truncated_sampling_warning(args) -> str | None:
+    """Why vLLM importance weights would be biased under truncated sampling, or None.
+
+    vLLM reports log-probs renormalised over the kept set (top-k/top-p/min-p), while the trainer scores the
+    full vocabulary, so every weight exp(log π_old − log π_vLLM) is off by the log of the kept mass. TRL ≤ 1.16
+    does not report the kept set to the trainer, so it cannot be scored; SDPO says so instead of silently biasing.
+    """
+    if not (getattr(args, "use_vllm", False) and getattr(args, "vllm_importance_sampling_correction", False)):
+        return None
+    truncated = [
+        f"{name}={value!r}"
+        for name, value, off in (
+            ("top_k", getattr(args, "top_k", 0), (None, 0, -1)),
+            ("top_p", getattr(args, "top_p", 1.0), (None, 1.0)),
+            ("min_p", getattr(args, "min_p", None), (None, 0.0)),
+        )
+        if value not in off
+    ]
+    if not truncated:
+        return None
+    return (
+        f"vLLM samples from a truncated distribution ({', '.join(truncated)}) and reports log-probs over the kept set, "
+        "but the trainer scores the full vocabulary: every vLLM importance-sampling weight is biased by the log of the "
+        "kept mass. Sample without truncation (top_k=0, top_p=1.0, min_p=None), or set "
+        "vllm_importance_sampling_correction=False."
+    )
 
 
 def _legacy_positional_config(args: tuple, sdpo_config: SDPOConfig | None) -> tuple[tuple, SDPOConfig | None]:
@@ -139,6 +173,13 @@ class _SDPOTrainerMixin:
         add_sdpo_forward(unwrapped)
         self.teacher = build_teacher(self.model, sdpo, self.accelerator)
         self.ref_model = self.teacher.module
+        self.step_guard = NonFiniteStepGuard(
+            self._named_student_gradients,
+            self._drop_student_gradients,
+            all_reduce_flag=self._all_ranks_true,
+            loss_scaling=bool(self.args.fp16),
+        )
+        self.add_callback(self.step_guard)
         self._add_ema_callback()
         logger.info("SDPO: teacher=%s, head backend=%s", self.teacher.kind, self.sdpo_backend)
 
@@ -161,6 +202,9 @@ class _SDPOTrainerMixin:
                 f"grpo_weight > 0 blends a GRPO loss of loss_type in {_GRPO_LOSS_TYPES}; got loss_type="
                 f"{args.loss_type!r}. Choose one of those, or grpo_weight=0."
             )
+        message = truncated_sampling_warning(args)
+        if message:
+            warnings.warn(message, stacklevel=4)
         if sdpo.grpo_weight > 0:
             ignored = _changed_grpo_options(args, _BLEND_IGNORED)
             if ignored:
@@ -201,13 +245,15 @@ class _SDPOTrainerMixin:
                 ga,
                 period,
             )
-        self.ema_callback = EMATeacherCallback(
-            self._ema_update, period, gradients=self._student_gradients, all_reduce_flag=self._all_ranks_true
-        )
+        self.ema_callback = EMATeacherCallback(self._ema_update, period, step_finite=self.step_guard.step_is_finite)
         self.add_callback(self.ema_callback)
 
-    def _student_gradients(self) -> list[torch.Tensor]:
-        return [p.grad for p in self.model.parameters() if p.requires_grad and p.grad is not None]
+    def _named_student_gradients(self) -> list[tuple[str, torch.Tensor]]:
+        return [(n, p.grad) for n, p in self.model.named_parameters() if p.requires_grad and p.grad is not None]
+
+    def _drop_student_gradients(self) -> None:
+        for p in self.model.parameters():
+            p.grad = None  # optimizers skip parameters without a gradient: no update, no momentum, no weight decay
 
     def _all_ranks_true(self, flag: bool) -> bool:
         if self.accelerator.num_processes == 1:
@@ -220,6 +266,13 @@ class _SDPOTrainerMixin:
         # Stochastic rounding of a low-precision teacher draws from a generator seeded alike on every rank, so
         # replicated teachers stay identical (the global RNG has been consumed differently by each rank's sampling).
         generator = torch.Generator(device=self.accelerator.device).manual_seed(self.args.seed + self.state.global_step)
+        if not self._all_ranks_true(_all_finite(self.model.parameters())):  # never blend a broken student in
+            self._warn_once(
+                "nonfinite_student",
+                "SDPO skipped an EMA teacher update: the student's weights are not finite. The teacher keeps its "
+                "last finite state; look for the step that produced the non-finite weights.",
+            )
+            return
         self.teacher.ema_step(self.model, generator)
 
     # ------------------------------------------------------------------------------------ rewards and teacher inputs
@@ -572,38 +625,57 @@ class _SDPOTrainerMixin:
             m["sdpo/is_clip_fraction"].append(self._global_mean((ratio >= self.sdpo_config.is_clip).float(), loss_mask))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if self.sdpo_config.enabled and not self._backend_logged and self.model.training:
-            logs["sdpo/backend"] = self.sdpo_backend  # a string: logged once, so loggers warn at most once
-            self._backend_logged = True
+        if self.sdpo_config.enabled and self.model.training:
+            logs["sdpo/nonfinite_steps_skipped"] = float(len(self.step_guard.skipped_at))  # cumulative
+            if not self._backend_logged:
+                logs["sdpo/backend"] = self.sdpo_backend  # a string: logged once, so loggers warn at most once
+                self._backend_logged = True
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------------------------ checkpoints
 
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        if not self.sdpo_config.enabled:
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call=_internal_call)
+        # HF saves the model first when it checkpoints, before `trainer_state.json` and before it rotates older
+        # checkpoints away: writing the teacher here means a checkpoint never counts as complete without it.
+        if not (self.sdpo_config.enabled and _internal_call and output_dir):
             return
-        output_dir = os.path.join(
-            self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        )
+        if not os.path.basename(os.path.normpath(output_dir)).startswith(PREFIX_CHECKPOINT_DIR):
+            return
         state = self.teacher.state_dict()  # a collective under FSDP2 / ZeRO-3: every rank takes part
         if self.args.should_save:
-            os.makedirs(output_dir, exist_ok=True)
-            torch.save({"kind": self.teacher.kind, "state": state}, os.path.join(output_dir, TEACHER_CHECKPOINT_FILE))
+            save_teacher(output_dir, self.teacher.kind, state, peft=is_peft_model(self.model))
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        if self.sdpo_config.enabled and resume_from_checkpoint not in (None, False):
+            path = resume_from_checkpoint
+            if isinstance(path, bool):
+                path = get_last_checkpoint(self.args.output_dir)
+            if path is not None and os.path.isdir(path):  # before HF loads anything from it
+                check_checkpoint_matches(path, peft=is_peft_model(self.model), kind=self.teacher.kind)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is None or not self.sdpo_config.enabled:
             return
-        path = os.path.join(checkpoint, TEACHER_CHECKPOINT_FILE)
-        if not os.path.exists(path):
+        source = self.sdpo_config.resume_teacher_from
+        if source == "student":
             logger.warning(
-                "SDPO: %s has no %s; the teacher restarts from the restored student weights.",
+                "SDPO: resume_teacher_from='student': the teacher restarts as a copy of the student restored from %s; "
+                "its EMA history is not used.",
                 checkpoint,
-                TEACHER_CHECKPOINT_FILE,
+            )
+            self.teacher.copy_student(self.model)
+            return
+        if source == "initial":
+            logger.warning(
+                "SDPO: resume_teacher_from='initial': the teacher restarts from the model as passed to SDPOTrainer "
+                "(before any training), not from %s.",
+                checkpoint,
             )
             return
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        saved = upgrade_legacy(load_teacher(checkpoint), self.teacher.kind)
         if saved["kind"] != self.teacher.kind:
             raise ValueError(
                 f"The checkpoint's teacher is of kind {saved['kind']!r} but this run's is {self.teacher.kind!r}; "
@@ -611,6 +683,16 @@ class _SDPOTrainerMixin:
             )
         with torch.no_grad():
             self.teacher.load_state_dict(saved["state"])
+
+
+def _all_finite(params) -> bool:
+    """Whether every floating-point parameter's local part (DTensor shard, ZeRO-3 partition) is finite."""
+    local = [getattr(p, "ds_tensor", getattr(p, "_local_tensor", p)).detach() for p in params]
+    local = [t for t in local if torch.is_floating_point(t) and t.numel()]
+    if not local:
+        return True
+    norms = torch._foreach_norm(local)
+    return bool(torch.isfinite(torch.stack([n.float().to(norms[0].device) for n in norms])).all())
 
 
 def _check_dataset(train_dataset, processing_class) -> None:

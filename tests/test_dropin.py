@@ -206,3 +206,23 @@ def test_grpo_options_that_pure_sdpo_ignores_are_named(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         make_trainer(tmp_path)
     assert "ignores these GRPO options" not in caplog.text  # defaults say nothing
+
+
+# ------------------------------------------------------------------ vLLM with truncated sampling
+
+
+def test_truncated_vllm_sampling_is_named_with_the_fix():
+    from types import SimpleNamespace
+
+    from sdpo_fast.trainer import truncated_sampling_warning
+
+    def cfg(**kw):
+        base = dict(use_vllm=True, vllm_importance_sampling_correction=True, top_k=0, top_p=1.0, min_p=None)
+        return SimpleNamespace(**{**base, **kw})
+
+    assert truncated_sampling_warning(cfg()) is None
+    assert truncated_sampling_warning(cfg(top_k=50, use_vllm=False)) is None
+    assert truncated_sampling_warning(cfg(top_p=0.9, vllm_importance_sampling_correction=False)) is None
+    for kw, named in ((dict(top_k=50), "top_k=50"), (dict(top_p=0.9), "top_p=0.9"), (dict(min_p=0.05), "min_p=0.05")):
+        message = truncated_sampling_warning(cfg(**kw))
+        assert named in message and "vllm_importance_sampling_correction=False" in message and "top_k=0" in message

@@ -93,8 +93,8 @@ def main(mode: str, out_dir: Path) -> None:
     from trl import GRPOConfig
 
     from sdpo_fast import SDPOConfig, SDPOTrainer
+    from sdpo_fast.faults import TEACHER_FILE as TEACHER_CHECKPOINT_FILE
     from sdpo_fast.testing import tiny_qwen2, tiny_tokenizer
-    from sdpo_fast.trainer import TEACHER_CHECKPOINT_FILE
 
     rank = int(os.environ["RANK"])
     torch.set_num_threads(1)  # two processes on two cores

@@ -25,18 +25,23 @@ from ..forward import add_sdpo_forward
 from .full_copy import FullCopyTeacher, frozen_copy
 
 
-def _inference_config(accelerator) -> dict:
-    """The student's DeepSpeed config for a no-grad engine: no optimizer, scheduler or optimizer offload."""
+def _inference_config(accelerator, hidden_size: int | None) -> dict:
+    """The student's DeepSpeed config for a no-grad engine: no optimizer, scheduler, offloaded optimizer or batching."""
     config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
-    for key in ("optimizer", "scheduler"):
+    for key in ("optimizer", "scheduler", "train_batch_size", "gradient_clipping"):
         config.pop(key, None)
+    config["train_micro_batch_size_per_gpu"] = 1
+    config["gradient_accumulation_steps"] = 1
     zero = config.setdefault("zero_optimization", {})
     zero.pop("offload_optimizer", None)
     zero["stage"] = 3
     zero["stage3_param_persistence_threshold"] = 0
-    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
-        if config.get(key) == "auto":
-            config[key] = 1
+    if hidden_size:  # what HF fills in for "auto" at training time, as TRL sizes its reference model's buckets
+        zero["reduce_bucket_size"] = hidden_size * hidden_size
+        zero["stage3_prefetch_bucket_size"] = int(0.9 * hidden_size * hidden_size)
+    for section in (config, zero):  # anything else left "auto": DeepSpeed's own default
+        for key in [k for k, v in section.items() if v == "auto"]:
+            del section[key]
     return config
 
 
@@ -62,7 +67,7 @@ class Zero3Teacher(FullCopyTeacher):
     def from_student(cls, student, accelerator, dtype):
         import deepspeed
 
-        config = _inference_config(accelerator)
+        config = _inference_config(accelerator, getattr(student.config.get_text_config(), "hidden_size", None))
         if any(is_zero3_param(p) for p in student.parameters()):
             teacher = _partitioned_copy(student, dtype, config)
         else:

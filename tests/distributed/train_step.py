@@ -23,6 +23,7 @@ between FSDP2 and the CPU here (`fully_shard` runs on a gloo CPU mesh).
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import sys
@@ -49,7 +50,17 @@ def _force_fsdp_on_cpu() -> None:
 
 
 EMA_RATE = 0.25
-MODES = ("ddp", "fsdp2", "fsdp2-shard-grad-op", "fsdp2-asymmetric")
+MODES = ("ddp", "fsdp2", "fsdp2-shard-grad-op", "fsdp2-asymmetric", "zero3", "zero3-init")
+# DeepSpeed ZeRO-3 on the CPU accelerator (gloo). `zero3-init` loads the model with `from_pretrained` under
+# ZeRO-3's `zero.Init`, so the student is partitioned before SDPOTrainer builds its teacher; `zero3` hands in a
+# plain model that DeepSpeed partitions when training starts.
+ZERO3 = {
+    "zero_optimization": {"stage": 3},
+    "train_micro_batch_size_per_gpu": "auto",
+    "gradient_accumulation_steps": "auto",
+    "gradient_clipping": "auto",
+    "zero_allow_untested_optimizer": True,
+}
 
 
 def rank1_succeeds(completions, **kwargs):
@@ -65,12 +76,18 @@ def rank0_feedback(completions, **kwargs):
 
 
 def full(p: torch.Tensor) -> torch.Tensor:
-    """The whole parameter (a collective for FSDP2 DTensors: every rank calls it in the same order)."""
+    """The whole parameter (a collective for FSDP2 DTensors and ZeRO-3: every rank calls it in the same order)."""
+    if hasattr(p, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p]):
+            return p.detach().clone()
+    p = p.detach()
     return p.full_tensor() if hasattr(p, "full_tensor") else p
 
 
 def flat(module) -> torch.Tensor:
-    return torch.cat([full(p.detach()).reshape(-1).float().cpu() for p in module.parameters()])
+    return torch.cat([full(p).reshape(-1).float().cpu() for p in module.parameters()])
 
 
 def sharding(module) -> dict:
@@ -79,8 +96,9 @@ def sharding(module) -> dict:
         "types": sorted({type(p).__name__ for p in params}),
         "placements": sorted({str(tuple(getattr(p, "placements", ()))) for p in params}),
         "mesh_sizes": sorted({p.device_mesh.size() for p in params if hasattr(p, "device_mesh")}),
-        "local_numel": sum(getattr(p, "_local_tensor", p).numel() for p in params),
-        "full_numel": sum(p.numel() for p in params),
+        "local_numel": sum(getattr(p, "ds_tensor", getattr(p, "_local_tensor", p)).numel() for p in params),
+        "full_numel": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in params),
+        "zero3_partitioned": bool(params) and all(hasattr(p, "ds_id") for p in params),
     }
 
 
@@ -104,6 +122,8 @@ def main(mode: str, out_dir: Path) -> None:
     dataset = Dataset.from_dict({"prompt": [prompt] * 4, "answer": ["5"] * 4})
     if mode == "ddp":
         distributed = {"ddp_backend": "gloo"}
+    elif mode.startswith("zero3"):
+        distributed = {"deepspeed": ZERO3}
     else:
         fsdp_config = {"version": 2, "transformer_layer_cls_to_wrap": ["Qwen2DecoderLayer"]}
         if mode == "fsdp2-shard-grad-op":  # FSDP2's SHARD_GRAD_OP: parameters stay gathered after forward
@@ -133,6 +153,22 @@ def main(mode: str, out_dir: Path) -> None:
         distillation_topk=10, teacher_update_rate=EMA_RATE, teacher_micro_batch_size=1 if asymmetric else None
     )
     reward = rank0_feedback if asymmetric else rank1_succeeds
+    peft_refusal = None
+    if mode == "zero3-init":  # under zero.Init (the GRPOConfig above switched it on): partitioned at load
+        from transformers import AutoModelForCausalLM
+
+        folder = out_dir / f"model-rank{rank}"
+        model.save_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        assert all(hasattr(p, "ds_id") for p in model.parameters()), "the model was not loaded under zero.Init"
+    elif mode == "zero3":
+        import peft
+
+        lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+        try:
+            SDPOTrainer(copy.deepcopy(model), reward, args=args, train_dataset=dataset, processing_class=tok, peft_config=lora)
+        except NotImplementedError as err:
+            peft_refusal = str(err)
     trainer = SDPOTrainer(model, reward, args=args, sdpo_config=sdpo, train_dataset=dataset, processing_class=tok)
 
     generated, losses = [], []
@@ -159,7 +195,8 @@ def main(mode: str, out_dir: Path) -> None:
 
     student = trainer.model if trainer.is_fsdp_enabled else trainer.accelerator.unwrap_model(trainer.model)
     student_after, teacher_after = flat(student), flat(trainer.ref_model)
-    teacher_full = {n: full(p.detach()).float().cpu() for n, p in trainer.ref_model.named_parameters()}
+    teacher_module = getattr(trainer.ref_model, "module", trainer.ref_model)  # a DeepSpeed engine wraps it
+    teacher_full = {n: full(p).float().cpu() for n, p in teacher_module.named_parameters()}
     checkpoint = None
     if trainer.args.should_save:
         saved = torch.load(out_dir / "run" / "checkpoint-1" / TEACHER_CHECKPOINT_FILE, weights_only=True)
@@ -195,6 +232,8 @@ def main(mode: str, out_dir: Path) -> None:
         "ema_rate": EMA_RATE,
         "global_step": trainer.state.global_step,
         "checkpoint_teacher": checkpoint,
+        "teacher_kind": type(trainer.teacher).__name__,
+        "peft_refusal": peft_refusal,
     }
     torch.save(
         {

@@ -85,9 +85,9 @@ def host_processes_named(comm: str) -> list[int]:
     pids = []
     for entry in Path("/proc").iterdir():
         try:
-            if entry.name.isdigit() and (entry / "comm").read_text().strip() == comm:
-                if "VmSize:" in (entry / "status").read_text():
-                    pids.append(int(entry.name))
+            named = entry.name.isdigit() and (entry / "comm").read_text().strip() == comm
+            if named and "VmSize:" in (entry / "status").read_text():
+                pids.append(int(entry.name))
         except OSError:
             pass
     return pids
@@ -595,6 +595,35 @@ def test_seccomp_program_assembles_for_known_machines_only():
         assert program is not None and len(program) % 8 == 0 and 60 < len(program) // 8 < 256
     assert _seccomp.program("riscv64") is None
     assert _seccomp.program("x86_64") != _seccomp.program("aarch64")  # per-architecture syscall numbers
+
+
+@needs_bwrap
+@pytest.mark.skipif(os.uname().machine not in ("x86_64", "aarch64"), reason="no seccomp syscall table for this machine")
+def test_every_denied_syscall_is_refused_and_threads_still_work():
+    column = 0 if os.uname().machine == "x86_64" else 1
+    numbers = sorted(
+        nrs[column]
+        for name, nrs in _seccomp._DENIED.items()
+        if nrs[column] is not None and name not in ("fork", "vfork")
+    )
+    code = (
+        "import ctypes, threading\n"
+        "def f(x):\n"
+        "    libc = ctypes.CDLL(None, use_errno=True)\n"
+        "    out = {}\n"
+        f"    for nr in {numbers!r}:\n"
+        "        ctypes.set_errno(0)\n"
+        "        out[str(nr)] = [libc.syscall(nr, 0, 0, 0, 0, 0), ctypes.get_errno()]\n"
+        "    box = []\n"
+        "    thread = threading.Thread(target=lambda: box.append(1))\n"
+        "    thread.start()\n"
+        "    thread.join()\n"
+        "    return [out, box]\n"
+    )
+    records, _, _ = run(code, tests=[{"input": [0], "output": None}])
+    results, box = records[0].actual
+    assert box == [1]  # clone3 → ENOSYS → glibc falls back to clone(CLONE_THREAD), which is allowed
+    assert {nr: result for nr, result in results.items() if result != [-1, 1]} == {}  # every one: -1, EPERM
 
 
 # ---------------------------------------------------------------------------------------------- the reward

@@ -115,8 +115,7 @@ class TestRecord:
 class _Bwrap:
     path: str
     version: str
-    supports_size: bool
-    supports_disable_userns: bool
+    supports_size: bool  # --size for the tmpfs (bubblewrap ≥ 0.10; Debian 12 has 0.8)
 
 
 def _find_bwrap(limits: SandboxLimits) -> str | None:
@@ -155,8 +154,6 @@ def _bwrap_command(bwrap: _Bwrap, limits: SandboxLimits, seccomp_fd: int | None)
     python = _interpreter()
     cmd = [bwrap.path, "--unshare-all", "--unshare-user", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID)]
     cmd += ["--hostname", "sandbox", "--die-with-parent", "--new-session", "--as-pid-1", "--cap-drop", "ALL"]
-    if bwrap.supports_disable_userns:
-        cmd.append("--disable-userns")
     cmd.append("--clearenv")
     for key, value in _ENV.items():
         cmd += ["--setenv", key, value]
@@ -180,7 +177,7 @@ def _probe(path: str) -> _Bwrap:
         version = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError) as err:
         raise SandboxUnavailableError(f"{path} does not run ({err}).") from None
-    bwrap = _Bwrap(path, version, "--size" in help_text, "--disable-userns" in help_text)
+    bwrap = _Bwrap(path, version, "--size" in help_text)
     job = {"code": "def f():\n    return 1", "entry_point": "f", "inputs": [[]]}
     run = _execute_job(job, SandboxLimits(timeout_s=30.0), bwrap)
     events, _ = _parse(run.stdout, run.complete)

@@ -49,8 +49,7 @@ WRITE_REPORT = (
 @pytest.fixture(scope="module")
 def bwrap():
     with pytest.MonkeyPatch.context() as mp:
-        mp.delenv(sandbox.ALLOW_UNSANDBOXED_ENV, raising=False)
-        mp.delenv(sandbox.BWRAP_ENV, raising=False)
+        mp.delenv(sandbox.ALLOW_UNSANDBOXED_ENV, raising=False)  # (SDPO_SANDBOX_BWRAP may pick the bwrap to test)
         try:
             status = sandbox_status(SandboxLimits())
         except SandboxUnavailableError as err:

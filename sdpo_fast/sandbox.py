@@ -285,21 +285,35 @@ def _communicate(command: list[str], data: bytes, limits: SandboxLimits, cwd=Non
         pass_fds=pass_fds,
         start_new_session=True,  # its own process group, killed as a whole below
     )
+    try:
+        out, err, timed_out, overflow = _pump(process, data, limits)
+    finally:  # whatever happened here (even an exception in the trainer), nothing of the candidate keeps running
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)  # bwrap's --die-with-parent takes the sandbox down with it
+        process.wait()
+        _wait_for_eof(process.stdout.fileno(), time.monotonic() + 5.0)
+        for stream in (process.stdin, process.stdout, process.stderr):
+            with contextlib.suppress(OSError):
+                stream.close()
+    return _Run(bytes(out), bytes(err), process.returncode, timed_out, complete=not (overflow or timed_out))
+
+
+def _pump(process: subprocess.Popen, data: bytes, limits: SandboxLimits) -> tuple[bytes, bytes, bool, bool]:
+    """Write `data` to stdin and read stdout/stderr without blocking; returns (stdout, stderr, timed out, cut)."""
     deadline = time.monotonic() + limits.timeout_s
-    out, err = bytearray(), bytearray()
-    timed_out = overflow = False
+    out, err, sent = bytearray(), bytearray(), 0
     with selectors.DefaultSelector() as selector:
-        for stream, events in ((process.stdin, selectors.EVENT_WRITE), (process.stdout, selectors.EVENT_READ)):
+        for stream, events in (
+            (process.stdin, selectors.EVENT_WRITE),
+            (process.stdout, selectors.EVENT_READ),
+            (process.stderr, selectors.EVENT_READ),
+        ):
             os.set_blocking(stream.fileno(), False)
             selector.register(stream, events)
-        os.set_blocking(process.stderr.fileno(), False)
-        selector.register(process.stderr, selectors.EVENT_READ)
-        sent = 0
         while selector.get_map():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                timed_out = True
-                break
+                return bytes(out), bytes(err), True, False
             for key, _ in selector.select(remaining):
                 stream = key.fileobj
                 if stream is process.stdin:
@@ -307,33 +321,25 @@ def _communicate(command: list[str], data: bytes, limits: SandboxLimits, cwd=Non
                         sent += os.write(stream.fileno(), data[sent : sent + 65536])
                     except BlockingIOError:
                         continue
-                    except BrokenPipeError:
+                    except BrokenPipeError:  # it exited without reading its job: its exit status tells why
                         sent = len(data)
                     if sent >= len(data):
                         selector.unregister(stream)
-                        stream.close()
+                        stream.close()  # EOF: the runner starts once it has the whole job
                     continue
-                chunk = os.read(stream.fileno(), 65536)
+                try:
+                    chunk = os.read(stream.fileno(), 65536)
+                except BlockingIOError:
+                    continue
                 if not chunk:
                     selector.unregister(stream)
                 elif stream is process.stdout:
                     out += chunk
                     if len(out) > limits.max_output_bytes:
-                        overflow = True
-                        del out[limits.max_output_bytes :]
-                        selector.unregister(stream)
+                        return bytes(out[: limits.max_output_bytes]), bytes(err), False, True
                 elif len(err) < 4096:
                     err += chunk[: 4096 - len(err)]
-            if overflow:
-                break
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signal.SIGKILL)  # bwrap's --die-with-parent takes the sandbox down with it
-    process.wait()
-    _wait_for_eof(process.stdout.fileno(), time.monotonic() + 5.0)
-    for stream in (process.stdin, process.stdout, process.stderr):
-        with contextlib.suppress(OSError):
-            stream.close()
-    return _Run(bytes(out), bytes(err), process.returncode, timed_out, complete=not (overflow or timed_out))
+    return bytes(out), bytes(err), False, False
 
 
 def _wait_for_eof(fd: int, deadline: float) -> None:
@@ -430,14 +436,23 @@ def run_tests(
     limits = limits or SandboxLimits()
     bwrap = _isolation(limits)
     inputs = [list(t["input"]) for t in tests]
-    expected = [json.loads(json.dumps(t["output"])) for t in tests]  # tuples → lists, as the sandbox reports them
+    try:
+        expected = [json.loads(json.dumps(t["output"])) for t in tests]  # tuples → lists, as the sandbox reports them
+        json.dumps(inputs)
+    except (TypeError, ValueError) as err:
+        raise TypeError(
+            f"Test inputs and outputs must be JSON-compatible (lists, dicts, str, numbers, None): {err}"
+        ) from None
     calls = [_call_text(entry_point, args) for args in inputs]
-    run = _execute_job({"code": code, "entry_point": entry_point, "inputs": inputs}, limits, bwrap)
-    events, malformed = _parse(run.stdout, run.complete)
-    if bwrap is not None and not any(e["event"] == "ready" for e in events) and not run.timed_out:
-        # The sandbox itself did not come up (the candidate's code never ran): not the candidate's fault.
-        detail = run.stderr.decode(errors="replace").strip()[-600:] or f"exit status {run.returncode}"
-        raise SandboxUnavailableError(f"the sandbox did not start: {detail}")
+    job = {"code": code, "entry_point": entry_point, "inputs": inputs}
+    for attempt in range(2):  # once more if the sandbox itself failed to start (say, a transient fork failure)
+        run = _execute_job(job, limits, bwrap)
+        events, malformed = _parse(run.stdout, run.complete)
+        if bwrap is None or run.timed_out or any(e["event"] == "ready" for e in events):
+            break
+        if attempt:  # the candidate's code never ran: not its fault, and not something to score
+            detail = run.stderr.decode(errors="replace").strip()[-600:] or f"exit status {run.returncode}"
+            raise SandboxUnavailableError(f"the sandbox did not start (twice): {detail}")
     return _records(events, calls, expected, run, entry_point, malformed, limits)
 
 

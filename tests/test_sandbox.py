@@ -582,6 +582,32 @@ def test_unsandboxed_runs_only_on_explicit_opt_in(monkeypatch):
     assert records[0].status == "wrong_answer" and records[0].actual == 1
 
 
+@needs_bwrap
+def test_a_sandbox_that_does_not_start_is_retried_once_then_an_error(monkeypatch):
+    real, calls = sandbox._execute_job, []
+    failed = sandbox._Run(
+        b"", b"bwrap: Creating new namespace failed: Resource temporarily unavailable", 1, False, True
+    )
+
+    def flaky(job, limits, bwrap, fail_times):
+        calls.append(1)
+        return failed if len(calls) <= fail_times else real(job, limits, bwrap)
+
+    monkeypatch.setattr(sandbox, "_execute_job", lambda *a: flaky(*a, fail_times=1))
+    assert run_tests("def f(x):\n    return x + 3", "f", ADD3, LIMITS)[0].passed and len(calls) == 2
+    calls.clear()
+    monkeypatch.setattr(sandbox, "_execute_job", lambda *a: flaky(*a, fail_times=2))
+    with pytest.raises(SandboxUnavailableError, match=r"did not start \(twice\): bwrap: Creating new namespace"):
+        run_tests("def f(x):\n    return x + 3", "f", ADD3, LIMITS)
+
+
+def test_tests_must_be_json_compatible():
+    with pytest.raises(TypeError, match="must be JSON-compatible"):
+        run_tests("def f(x):\n    return x", "f", [{"input": [object()], "output": 1}], LIMITS)
+    with pytest.raises(TypeError, match="must be JSON-compatible"):
+        run_tests("def f(x):\n    return x", "f", [{"input": [1], "output": {1, 2}}], LIMITS)
+
+
 def test_limits_are_validated():
     for bad in ({"timeout_s": 0}, {"cpu_s": True}, {"memory_mb": float("nan")}, {"max_output_bytes": 1.5}):
         with pytest.raises(ValueError, match="SandboxLimits"):

@@ -8,8 +8,10 @@ the reference implementation's *effective* Hydra values (lasgroup/SDPO, `actor.y
 
 from __future__ import annotations
 
+import math
+import numbers
 import string
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
@@ -144,21 +146,16 @@ class SDPOConfig:
     sizes, whatever the number of tokens and the vocabulary size."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.enabled, bool):
-            raise TypeError(f"enabled must be a bool, got {self.enabled!r}.")
+        for f in fields(self):  # every field against its annotation first, so the range checks see clean values
+            _check_type(f.name, getattr(self, f.name), f.type)
         _check_unit("grpo_weight", self.grpo_weight)
         _check_unit("distillation_alpha", self.distillation_alpha)
         _check_unit("teacher_update_rate", self.teacher_update_rate)
-        if self.distillation_topk is not None:
-            if isinstance(self.distillation_topk, bool) or not isinstance(self.distillation_topk, int):
-                raise TypeError(
-                    f"distillation_topk must be a positive int or None (full vocabulary), got {self.distillation_topk!r}."
-                )
-            if self.distillation_topk < 1:
-                raise ValueError(
-                    f"distillation_topk={self.distillation_topk} must be ≥ 1. Use distillation_topk=None to distil "
-                    "the full vocabulary."
-                )
+        if self.distillation_topk is not None and self.distillation_topk < 1:
+            raise ValueError(
+                f"distillation_topk={self.distillation_topk} must be ≥ 1. Use distillation_topk=None to distil "
+                "the full vocabulary."
+            )
         if not self.full_logit_distillation and self.distillation_alpha != 1.0:
             raise ValueError(
                 "Token-level SDPO (full_logit_distillation=False) is the REINFORCE estimator of the reverse KL and "
@@ -178,11 +175,9 @@ class SDPOConfig:
                 "resume_teacher_from='student' cannot restart a trust-region teacher: it is the initial model by "
                 "definition. Use resume_teacher_from='initial' or 'checkpoint'."
             )
-        if not isinstance(self.max_reprompt_len, int) or self.max_reprompt_len < 1:
+        if self.max_reprompt_len < 1:
             raise ValueError(f"max_reprompt_len must be a positive number of tokens, got {self.max_reprompt_len!r}.")
-        if self.teacher_micro_batch_size is not None and (
-            not isinstance(self.teacher_micro_batch_size, int) or self.teacher_micro_batch_size < 1
-        ):
+        if self.teacher_micro_batch_size is not None and self.teacher_micro_batch_size < 1:
             raise ValueError(
                 f"teacher_micro_batch_size must be a positive int or None, got {self.teacher_micro_batch_size!r}."
             )
@@ -198,9 +193,37 @@ class SDPOConfig:
         return asdict(self)
 
 
+def _check_type(name: str, value: Any, annotation: str) -> None:
+    """`value` against a field annotation such as `bool`, `int | None`, `float` or `str`.
+
+    Strict on purpose: a string is truthy (`distillation_add_tail="no"` would keep the tail on) and a bool
+    is an int to Python (`max_reprompt_len=True` would mean 1). Floats must be finite: NaN compares false
+    with everything, so `success_reward_threshold=nan` would silently make every rollout a failure.
+    """
+    if not isinstance(annotation, str):  # only without `from __future__ import annotations`
+        annotation = getattr(annotation, "__name__", None) or str(annotation)
+    kinds = [part.strip() for part in annotation.split("|")]
+    if value is None and "None" in kinds:
+        return
+    kind, optional = kinds[0], " or None" if "None" in kinds else ""
+    if kind == "bool":
+        if not isinstance(value, bool):
+            hint = " (a non-empty string is truthy, 'false' included)" if isinstance(value, str) else ""
+            raise TypeError(f"{name} must be True or False{optional}, got {value!r}{hint}. Pass a Python bool.")
+    elif kind == "int":
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            hint = " (a bool, which Python would read as 1 or 0)" if isinstance(value, bool) else ""
+            raise TypeError(f"{name} must be an int{optional}, got {value!r}{hint}.")
+    elif kind == "float":
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a number{optional}, got {value!r}.")
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number{optional}, got {value!r}.")
+    elif kind == "str" and not isinstance(value, str):
+        raise TypeError(f"{name} must be a string, got {type(value).__name__} {value!r}.")
+
+
 def _check_unit(name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number in [0, 1], got {value!r}.")
     if not 0.0 <= float(value) <= 1.0:
         raise ValueError(f"{name}={value} is outside [0, 1]. Choose a value between 0 and 1.")
 

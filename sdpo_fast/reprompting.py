@@ -14,6 +14,7 @@ demonstration choice does not depend on how a group was split across ranks.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -146,6 +147,15 @@ class Reprompt:
     def render(self, demonstration: str | None = None, feedback: str | None = None) -> Prompt:
         return teacher_prompt(self.prompt, self.content(demonstration, feedback))
 
+    def payload(self, demonstration: str | None = None, feedback: str | None = None) -> dict[str, str]:
+        """The untrusted texts that `render` puts into the prompt: the demonstration and the feedback in use."""
+        texts = {}
+        if self.demonstration is not None:
+            texts["demonstration"] = self.demonstration if demonstration is None else demonstration
+        if self.feedback is not None:
+            texts["feedback"] = self.feedback if feedback is None else feedback
+        return texts
+
 
 @dataclass
 class TeacherContexts:
@@ -217,11 +227,7 @@ class PromptCodec:
     def encode_prompt(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
             return list(self.tokenizer(prompt)["input_ids"])
-        if self.chat_template is None and getattr(self.tokenizer, "chat_template", None) is None:
-            raise ValueError(
-                "The dataset has conversational prompts but the tokenizer has no chat template, so the teacher "
-                "prompt cannot be built. Set `tokenizer.chat_template`, or use plain-text prompts."
-            )
+        self._check_template()
         out = self.tokenizer.apply_chat_template(
             prompt,
             tools=self.tools or None,
@@ -233,11 +239,88 @@ class PromptCodec:
         )
         return list(out["input_ids"])
 
+    def render_text(self, prompt: Prompt) -> str:
+        """The prompt as the text that `encode_prompt` tokenises (the chat template applied, not tokenised)."""
+        if isinstance(prompt, str):
+            return prompt
+        self._check_template()
+        return self.tokenizer.apply_chat_template(
+            prompt,
+            tools=self.tools or None,
+            chat_template=self.chat_template,
+            add_generation_prompt=True,
+            tokenize=False,
+            **self.chat_template_kwargs,
+        )
+
+    def encode_reprompt(
+        self, reprompt: Reprompt, demonstration: str | None = None, feedback: str | None = None
+    ) -> list[int]:
+        """Token ids of the teacher prompt, with the demonstration and the feedback tokenised as plain text.
+
+        Both are untrusted (a sibling's output; an environment's verdict, which in the code example carries
+        the program's own output). A `<|im_end|><|im_start|>assistant` inside them must stay text, not become
+        control tokens that forge a turn; the template's own special tokens stay real. Without any
+        special-token string in them this is exactly `encode_prompt(reprompt.render(...))`, TRL's tokenisation.
+        """
+        payload = reprompt.payload(demonstration, feedback)
+        if not any(token in text for text in payload.values() for token in self.special_tokens):
+            return self.encode_prompt(reprompt.render(demonstration, feedback))
+        # Render with markers in place of the payload, tokenise the template's text around them as usual and
+        # the payload itself with special-token matching off.
+        marks = {name: f"\ue000sdpo-{name}-payload\ue001" for name in payload}
+        text = self.render_text(reprompt.render(marks.get("demonstration"), marks.get("feedback")))
+        pieces = re.split("(" + "|".join(map(re.escape, marks.values())) + ")", text)
+        if sorted(pieces[1::2]) != sorted(marks.values()):
+            raise ValueError(
+                "The chat template changed the teacher prompt's content, so its demonstration/feedback cannot be "
+                "tokenised as plain text. Use a chat template that inserts message content unchanged."
+            )
+        by_mark = {mark: payload[name] for name, mark in marks.items()}
+        ids = []
+        for i, piece in enumerate(pieces):
+            if i % 2:
+                ids += self.encode_text(by_mark[piece])
+            elif piece:
+                ids += self.tokenizer(piece, add_special_tokens=False)["input_ids"]
+        if isinstance(reprompt.prompt, str):  # plain text: the tokenizer's own BOS/EOS, as `encode_prompt` adds them
+            prefix, suffix = self._special_wrap
+            ids = [*prefix, *ids, *suffix]
+        return list(ids)
+
+    @functools.cached_property
+    def special_tokens(self) -> tuple[str, ...]:
+        """Every special token's text (the chat-control tokens included), longest first."""
+        tok = self.tokenizer
+        names = set(tok.all_special_tokens)
+        names |= {t.content for t in getattr(tok, "added_tokens_decoder", {}).values() if getattr(t, "special", False)}
+        return tuple(sorted((n for n in names if n), key=len, reverse=True))
+
+    @functools.cached_property
+    def _special_wrap(self) -> tuple[list[int], list[int]]:
+        """The ids the tokenizer puts before and after a plain text by default (e.g. BOS)."""
+        inner = list(self.tokenizer("a", add_special_tokens=False)["input_ids"])
+        outer = list(self.tokenizer("a")["input_ids"])
+        for start in range(len(outer) - len(inner) + 1):
+            if outer[start : start + len(inner)] == inner:
+                return outer[:start], outer[start + len(inner) :]
+        return [], []
+
     def encode_text(self, text: str | None) -> list[int]:
-        return [] if not text else list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        """Untrusted text as plain-text tokens (special-token strings split), as `encode_reprompt` inserts it."""
+        if not text:
+            return []
+        return list(self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)
+
+    def _check_template(self) -> None:
+        if self.chat_template is None and getattr(self.tokenizer, "chat_template", None) is None:
+            raise ValueError(
+                "The dataset has conversational prompts but the tokenizer has no chat template, so the teacher "
+                "prompt cannot be built. Set `tokenizer.chat_template`, or use plain-text prompts."
+            )
 
 
 @dataclass
@@ -249,7 +332,7 @@ class TokenizedReprompt:
 
 def tokenize_reprompt(reprompt: Reprompt, codec: PromptCodec, *, max_len: int, truncation: str) -> TokenizedReprompt:
     """Tokenise one teacher prompt and apply the truncation policy (`middle`, `left`, `right`, `error`)."""
-    ids = codec.encode_prompt(reprompt.render())
+    ids = codec.encode_reprompt(reprompt)
     if len(ids) <= max_len:
         return TokenizedReprompt(ids)
     if truncation == "left":
@@ -274,7 +357,7 @@ def _truncate_middle(reprompt: Reprompt, codec: PromptCodec, ids: list[int], max
     overflow = TokenizedReprompt(ids[-max_len:], truncated=True, overflow=True)
     if not reprompt.active:  # the plain question alone is too long: there is nothing we may cut
         return overflow
-    base = len(codec.encode_prompt(reprompt.render(demonstration="", feedback="")))
+    base = len(codec.encode_reprompt(reprompt, demonstration="", feedback=""))
     payload = {
         "demonstration": codec.encode_text(reprompt.demonstration),
         "feedback": codec.encode_text(reprompt.feedback),
@@ -289,7 +372,7 @@ def _truncate_middle(reprompt: Reprompt, codec: PromptCodec, ids: list[int], max
             name: _keep_head_and_tail(toks, int(budget * len(toks) / total), marker_len, codec.decode)
             for name, toks in payload.items()
         }
-        new_ids = codec.encode_prompt(reprompt.render(**shortened))
+        new_ids = codec.encode_reprompt(reprompt, **shortened)
         if len(new_ids) <= max_len:
             return TokenizedReprompt(new_ids, truncated=True)
         budget -= len(new_ids) - max_len

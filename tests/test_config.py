@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 
@@ -57,7 +58,7 @@ def test_every_field_has_a_docstring():
         ({"distillation_alpha": -0.1}, "outside \\[0, 1\\]"),
         ({"full_logit_distillation": False, "distillation_alpha": 0.5}, "needs distillation_alpha=1.0"),
         ({"distillation_topk": 0}, "must be ≥ 1"),
-        ({"distillation_topk": 2.5}, "positive int or None"),
+        ({"distillation_topk": 2.5}, "distillation_topk must be an int or None, got 2.5"),
         ({"teacher_update_rate": 1.2}, "outside \\[0, 1\\]"),
         ({"grpo_weight": 2}, "outside \\[0, 1\\]"),
         ({"loss_agg_mode": "mean"}, "Unknown loss_agg_mode"),
@@ -86,3 +87,63 @@ def test_valid_edge_values_are_accepted():
     SDPOConfig(distillation_topk=None, is_clip=None, teacher_update_rate=0.0, grpo_weight=1.0)
     SDPOConfig(reprompt_template="Q: {prompt}{solution}{feedback} {{literal}}")
     assert SDPOConfig().to_dict()["distillation_topk"] == 100
+
+
+# ------------------------------------------------------------------ issue 14: wrong types and non-finite numbers
+
+BOOL_FIELDS = [f.name for f in dataclasses.fields(SDPOConfig) if f.type == "bool"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"success_reward_threshold": float("nan")}, ValueError, "success_reward_threshold must be a finite number"),
+        ({"success_reward_threshold": float("inf")}, ValueError, "success_reward_threshold must be a finite number"),
+        ({"success_reward_threshold": -float("inf")}, ValueError, "success_reward_threshold must be a finite number"),
+        ({"distillation_add_tail": "no"}, TypeError, "distillation_add_tail must be True or False, got 'no'"),
+        ({"include_environment_feedback": "false"}, TypeError, "'false' included"),
+        ({"max_reprompt_len": True}, TypeError, "max_reprompt_len must be an int, got True \\(a bool"),
+        ({"teacher_micro_batch_size": True}, TypeError, "teacher_micro_batch_size must be an int or None, got True"),
+        ({"distillation_memory_budget_mb": True}, TypeError, "distillation_memory_budget_mb must be an int, got True"),
+        ({"distillation_topk": True}, TypeError, "distillation_topk must be an int or None, got True"),
+        ({"is_clip": float("nan")}, ValueError, "is_clip must be a finite number or None, got nan"),
+        ({"is_clip": float("inf")}, ValueError, "is_clip must be a finite number or None, got inf"),
+        ({"teacher_update_rate": float("nan")}, ValueError, "teacher_update_rate must be a finite number"),
+        ({"grpo_weight": float("nan")}, ValueError, "grpo_weight must be a finite number"),
+        ({"distillation_alpha": float("nan")}, ValueError, "distillation_alpha must be a finite number"),
+        ({"distillation_alpha": float("inf")}, ValueError, "distillation_alpha must be a finite number"),
+        ({"success_reward_threshold": "0.5"}, TypeError, "success_reward_threshold must be a number, got '0.5'"),
+        ({"grpo_weight": True}, TypeError, "grpo_weight must be a number, got True"),
+        ({"max_reprompt_len": 512.0}, TypeError, "max_reprompt_len must be an int, got 512.0"),
+        ({"loss_agg_mode": 3}, TypeError, "loss_agg_mode must be a string, got int 3"),
+    ],
+)
+def test_wrong_types_and_non_finite_numbers_are_rejected(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        SDPOConfig(**kwargs)
+
+
+@pytest.mark.parametrize("name", BOOL_FIELDS)
+@pytest.mark.parametrize("value", ["false", "no", "", 0, 1, None])
+def test_every_bool_field_takes_only_a_bool(name, value):
+    with pytest.raises(TypeError, match=f"{name} must be True or False, got {re.escape(repr(value))}"):
+        SDPOConfig(**{name: value})
+    flipped = not getattr(SDPOConfig(), name)
+    extra = {"distillation_alpha": 1.0} if name == "full_logit_distillation" else {}  # token-level SDPO needs α = 1
+    assert getattr(SDPOConfig(**{name: flipped}, **extra), name) is flipped
+
+
+def test_every_annotated_field_is_type_checked():
+    """The rule is one loop over the fields: each field of each kind rejects a value of the wrong kind."""
+    wrong = {"bool": "yes", "int": True, "float": float("nan"), "str": 1.0}
+    for f in dataclasses.fields(SDPOConfig):
+        kind = f.type.split("|")[0].strip()
+        with pytest.raises((TypeError, ValueError), match=f"^{f.name} must be"):
+            SDPOConfig(**{f.name: wrong[kind]})
+
+
+def test_numbers_of_other_numeric_types_are_accepted():
+    numpy = pytest.importorskip("numpy")
+    c = SDPOConfig(success_reward_threshold=1, grpo_weight=numpy.float64(0.25), max_reprompt_len=numpy.int64(64))
+    assert c.success_reward_threshold == 1 and c.grpo_weight == 0.25 and c.max_reprompt_len == 64
+    assert len(BOOL_FIELDS) == 7  # the loop sees them all: enabled, distillation_add_tail, …

@@ -1,5 +1,6 @@
-"""The examples and the quick-start notebook, run the way users run them (`--smoke`, on the CPU, offline),
-plus the code sandbox of `examples/sdpo_rich_feedback.py` against hostile completions."""
+"""The examples and the quick-start notebook, run the way users run them (`--smoke`, on the CPU, offline).
+
+The code sandbox that `examples/sdpo_rich_feedback.py` uses is `sdpo_fast.sandbox`, tested in test_sandbox.py."""
 
 from __future__ import annotations
 
@@ -18,10 +19,7 @@ EXAMPLES = ROOT / "examples"
 NOTEBOOK = EXAMPLES / "notebooks" / "sdpo_quickstart.ipynb"
 sys.path.insert(0, str(EXAMPLES))
 
-import sdpo_rich_feedback as rich  # noqa: E402  (stdlib-only at import time)
-
-# Where the interpreter is not readable by `nobody` (e.g. a venv under /root), the sandbox says so once.
-pytestmark = pytest.mark.filterwarnings("ignore:The code sandbox cannot run")
+import sdpo_rich_feedback as rich  # noqa: E402
 
 
 def _env() -> dict[str, str]:
@@ -191,136 +189,13 @@ def test_notebook_runs_on_cpu_up_to_the_gpu_cells(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- the code sandbox
 
-LIMITS = rich.SandboxLimits(timeout_s=3.0, cpu_s=1, memory_mb=256)
-ADD3 = [{"input": [x], "output": x + 3} for x in (0, 1, 2, 50)]
 
+def test_rich_feedback_example_uses_the_library_sandbox():
+    """The sandbox lives in `sdpo_fast.sandbox` (tested in tests/test_sandbox.py); the example keeps its names."""
+    from sdpo_fast import sandbox
 
-def run(code: str, tests=ADD3, limits=LIMITS):
-    start = time.perf_counter()
-    records = rich.run_tests(code, "f", tests, limits)
-    return records, rich.format_test_feedback(records), time.perf_counter() - start
-
-
-def test_sandbox_passes_a_correct_solution_and_runs_in_a_child():
-    records, feedback, _ = run("import os\ndef f(x):\n    return x + 3 + 0 * os.getpid()")
-    assert all(r.passed for r in records) and feedback == ""
-    # the code ran in another process: its pid differs from ours
-    records, _, _ = run("import os\ndef f(x):\n    return os.getpid()", tests=[{"input": [0], "output": os.getpid()}])
-    assert records[0].status == "wrong_answer" and records[0].actual != os.getpid()
-
-
-def test_privileges_are_dropped_when_possible():
-    records, _, _ = run("import os\ndef f(x):\n    return os.getuid()", tests=[{"input": [0], "output": -1}])
-    if os.geteuid() == 0 and rich._PRIVILEGE_DROP_WORKS:
-        assert records[0].actual == 65534  # nobody
-    else:  # not root, or the interpreter is unreachable for `nobody`: it runs as us, and said so
-        assert records[0].actual == os.getuid()
-        assert os.geteuid() != 0 or rich._PRIVILEGE_DROP_WORKS is False
-
-
-def test_wrong_answers_feedback_shape():
-    tests = [{"input": ["x" * n], "output": n} for n in (300, 5, 40, 1)]
-    code = "def f(s):\n    print('debug', len(s))\n    return len(s) + 1"
-    records, feedback, _ = run(code, tests=tests)
-    assert [r.status for r in records] == ["wrong_answer"] * 4
-    assert feedback.startswith("Wrong Answer: 4 of 4 tests failed.")
-    assert feedback.count("Input:") == 2  # at most two failing tests …
-    first, second = feedback.split("Test 2:")
-    assert "f('x')" in first and "f('xxxxx')" in second  # … shortest input first
-    assert "Output:\n2\nExpected:\n1" in first and "Stdout:\ndebug 1" in first
-
-
-def test_feedback_is_capped():
-    long = "y" * 5000
-    tests = [{"input": [long + str(i)], "output": long} for i in range(3)]
-    records, feedback, _ = run("def f(s):\n    return s[::-1]", tests=tests)
-    assert not any(r.passed for r in records)
-    assert len(feedback) <= 2000
-    inputs = re.findall(r"Input:\n(.*)\n", feedback)
-    assert inputs and all(len(i) <= 253 for i in inputs)  # 250 characters + "..."
-
-
-def test_infinite_loop_times_out():
-    records, feedback, elapsed = run("def f(x):\n    while True:\n        pass")
-    assert elapsed < LIMITS.timeout_s + 2
-    assert records[0].status == "timeout" and feedback.startswith("Time Limit Exceeded\nLast executed input:\nf(0)")
-    _, feedback, elapsed = run("import time\ndef f(x):\n    time.sleep(60)")  # no CPU use: the wall clock
-    assert elapsed < LIMITS.timeout_s + 2 and feedback.startswith("Time Limit Exceeded")
-    _, feedback, elapsed = run("while True:\n    pass\ndef f(x):\n    return x")  # loops while loading
-    assert elapsed < LIMITS.timeout_s + 2 and "while loading the code" in feedback
-
-
-def test_os_exit_is_a_runtime_error_not_a_pass():
-    records, feedback, _ = run("import os\ndef f(x):\n    os._exit(0)")
-    assert not any(r.passed for r in records)
-    assert feedback.startswith("Runtime Error\nthe process exited abruptly (exit status 0)")
-    records, _, _ = run("import sys\ndef f(x):\n    sys.exit(0)")
-    assert records[0].status == "runtime_error" and "SystemExit" in records[0].error
-
-
-def test_huge_allocation_is_a_memory_error():
-    for code in (
-        "def f(x):\n    return len(bytearray(10**11))",
-        "def f(x):\n    a = []\n    while True: a.append(' ' * 10**7)",
-    ):
-        records, _feedback, elapsed = run(code)
-        assert records[0].status in ("runtime_error", "timeout") and elapsed < LIMITS.timeout_s + 2
-    assert "MemoryError" in run("def f(x):\n    return len(bytearray(10**11))")[1]
-
-
-def test_reading_stdin_does_not_hang():
-    records, feedback, elapsed = run("def f(x):\n    return int(input())")
-    assert elapsed < 2.5 and records[0].status == "runtime_error" and "EOFError" in feedback
-    records, _, elapsed = run("import sys\ndef f(x):\n    return sys.stdin.read()")
-    assert elapsed < 2.5 and records[0].status == "wrong_answer"
-
-
-def test_forks_processes_files_and_signals_are_refused(tmp_path):
-    target = tmp_path / "pwned"
-    for code in (
-        "import os\ndef f(x):\n    while True: os.fork()",
-        "import subprocess\ndef f(x):\n    return x + 3",
-        f"def f(x):\n    open({str(target)!r}, 'w').write('x')\n    return x + 3",
-        "import os, signal\ndef f(x):\n    os.kill(os.getppid(), signal.SIGKILL)",
-        "import ctypes\ndef f(x):\n    return x + 3",
-    ):
-        records, feedback, elapsed = run(code)
-        assert not any(r.passed for r in records), code
-        assert "PermissionError" in feedback and "not allowed in the sandbox" in feedback, feedback
-        assert elapsed < 2.5
-    assert not target.exists()
-
-
-def test_printing_fake_results_gains_nothing():
-    fake = json.dumps({"event": "result", "index": 0, "value": 3})
-    code = f"import os, sys\ndef f(x):\n    os.write(1, b'{fake}\\n')\n    print({fake!r})\n    return -1"
-    records, _, _ = run(code)
-    assert all(r.status == "wrong_answer" and r.actual == -1 for r in records)
-
-
-def test_format_and_compile_errors_are_shown_alone():
-    _, feedback, _ = run("def g(x):\n    return x")
-    assert feedback == "Format Error\nno function named 'f' is defined"
-    _, feedback, _ = run("def f(x) return x")
-    assert feedback.startswith("Compile Error\nSyntaxError") and "Input" not in feedback
-
-
-def test_code_reward_survives_hostile_batches():
-    reward = rich.CodeReward(limits=LIMITS, workers=2)
-    completions = [
-        "```python\ndef f(x):\n    return x + 3\n```",
-        "def f(x):\n    while True: pass",
-        "import os\ndef f(x):\n    os._exit(1)",
-        "def f(x):\n    return len(bytearray(10**11))",
-        "def f(x):\n    return input()",
-        "no code at all",
-    ]
-    start = time.perf_counter()
-    out = reward(prompts=[None] * 6, completions=completions, tests=[ADD3] * 6, entry_point=["f"] * 6)
-    assert time.perf_counter() - start < 3 * (LIMITS.timeout_s + 2)
-    assert [o["score"] for o in out] == [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
-    assert out[0]["feedback"] is None and all(o["feedback"] for o in out[1:])
-    assert out[5]["feedback"].startswith("Format Error") and reward.__name__ == "unit_tests"
-    # conversational completions work too
-    chat = [[{"role": "assistant", "content": "def f(x): return x + 3"}]]
-    assert reward(completions=chat, tests=[ADD3], entry_point=["f"])[0]["score"] == 1.0
+    for name in ("SandboxLimits", "run_tests", "format_test_feedback", "CodeReward", "TestRecord", "extract_code"):
+        assert getattr(rich, name) is getattr(sandbox, name), name
+    assert "_RUNNER" not in vars(rich) and "audit" not in vars(rich)  # no in-process sandbox of its own
+    rows = rich.tiny_rows()
+    assert len(rows) == 30 and rows[0]["entry_point"] == "f" and rows[0]["tests"][1] == {"input": [1], "output": 1}

@@ -66,28 +66,30 @@ def _liger_jsd(x, topk: int | None, alpha: float) -> torch.Tensor:
 
 
 class _FusedLSEHead(torch.autograd.Function):
-    """A plain fused logsumexp head on our kernels: per token −log π_S(y), plus the teacher's LSE pass.
+    """A plain fused logsumexp head on our tiles and kernels: per token −log π_S(y), plus the teacher's LSE pass.
 
-    The floor for "top-K, the teacher gather and the KL add ≤ 15%" (issue 4): the same streaming
-    passes, the same recomputing backward and the same GEMMs, without top-K, gather or divergence.
+    The floor for "top-K, the teacher gather and the KL add ≤ 15%" (issue 11): the same cuBLAS tiles, streaming
+    row kernels, recomputing backward and GEMMs, without top-K, gather or divergence.
     """
 
     @staticmethod
     def forward(ctx, h_s, w_s, h_t, w_t, targets, ops, opts):
-        student = ops._stream(h_s, w_s, targets, opts, None)
-        ops._stream(h_t, w_t, targets, opts, None)  # every SDPO head needs the teacher's normaliser
-        ctx.save_for_backward(h_s, w_s, targets, student.lse)
+        student = ops.student_stats(h_s, w_s, targets, opts)  # opts.topk is None: logsumexp and target only
+        ops.teacher_stats(h_t, w_t, targets, opts, None)  # every SDPO head needs the teacher's normaliser
+        ctx.save_for_backward(h_s, w_s, targets, student.max, student.log_sum, student.target_logit)
         ctx.ops, ctx.opts = ops, opts
-        return student.lse - student.target_logit
+        return student.log_sum - (student.target_logit - student.max)
 
     @staticmethod
     def backward(ctx, grad):
-        h_s, w_s, targets, lse = ctx.saved_tensors
-        # ∂(lse − z_y)/∂z_j = p_j − δ_jy: the dense tile −c·p with c = −g, and −g at the target
-        coef = -grad.float() * ctx.opts.inv_temp
-        spec = GradSpec(h_s, w_s, lse, coef, ctx.opts.inv_temp)
-        sparse = (coef.unsqueeze(1), targets.unsqueeze(1))
-        grad_h, grad_w = linear_backward(spec, ctx.ops, *sparse, True, True, ctx.opts.budget_bytes)
+        h_s, w_s, targets, m, log_sum, z_y = ctx.saved_tensors
+        # ∂(−log p_y)/∂z_j = p_j − δ_jy: the dense tile −c·p with c = −g, and the target's entry written
+        g = grad.float() * ctx.opts.inv_temp
+        p_y = torch.exp((z_y - m) - log_sum)
+        spec = GradSpec(
+            h_s, w_s, m, log_sum, -g, ctx.opts.inv_temp, targets, g * (p_y - 1), torch.ones_like(targets) > 0
+        )
+        grad_h, grad_w = linear_backward(spec, ctx.ops, True, True, ctx.opts.budget_bytes)
         return grad_h, grad_w, None, None, None, None, None
 
 

@@ -1,8 +1,11 @@
-"""The chunked PyTorch backend: tile operations in plain PyTorch, bounded by a scratch budget.
+"""The chunked PyTorch backend: tile operations in plain PyTorch, bounded by a scratch budget. The CPU path.
 
 Each tile is `rows × cols` of fp32 logits computed as h[rows] @ W[cols]ᵀ; statistics stream across
-vocabulary tiles (online logsumexp, a running top-K merged tile by tile), so neither the logits
-nor any other (N, V) tensor ever exists. `torch.topk` only ever sees one tile or 2·K candidates.
+vocabulary tiles, so neither the logits nor any other (N, V) tensor ever exists. Per tile the student pass
+runs one `torch.topk(K + 1)`, which gives the tile's max, its K candidates and a tie check at once; the
+candidates merge into the running top-K as packed (logit, id) keys, and every entry that is not (or no longer)
+in the running top-K goes straight into the tail sum. Nothing waits for the host inside the loops: at most one
+check per call (`_ties`), after them.
 """
 
 from __future__ import annotations
@@ -11,49 +14,42 @@ import math
 
 import torch
 
-from .function import GradSpec, HeadOptions, Stats, TileOps, accumulation_dtype, plan_tiles
+from .function import (
+    GradSpec,
+    HeadOptions,
+    Stats,
+    TileOps,
+    accumulation_dtype,
+    finish_normaliser,
+    full_divergence_grad_at,
+    logits_into,
+    plan_tiles,
+)
 
 # Scratch per tile element: the fp32 logits tile itself (reused in place) and `torch.topk`'s working
 # memory; every other temporary is per row or bounded separately. Checked by tests/test_head_memory.py.
 TILE_BYTES_PER_ELEMENT = 8
 FULL_TILE_BYTES_PER_ELEMENT = 24  # full-vocabulary tiles also hold teacher logits and the mixture
+EXACT_TILE_BYTES_PER_ELEMENT = 40  # the exact top-K redo also holds int64 keys of the tile and their temporaries
+_INT32_MAX = 0x7FFFFFFF
 
 
-def _logits_into(out: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, inv_temp: float) -> torch.Tensor:
-    """out ← (h @ weightᵀ)·inv_temp, accumulated in fp32 (fp64 for fp64 inputs) whatever the input dtype."""
-    if h.is_cuda and h.dtype in (torch.bfloat16, torch.float16):
-        out.copy_(torch.mm(h, weight.t(), out_dtype=torch.float32))
-    else:
-        torch.mm(h.to(out.dtype), weight.to(out.dtype).t(), out=out)
-    return out.mul_(inv_temp) if inv_temp != 1.0 else out
+def pack_keys(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Order-preserving int64 keys: the fp32 logit's bits (sortable) high, 2³¹ − 1 − id low.
 
-
-def _max_count_above(z: torch.Tensor, threshold: torch.Tensor, rows: int = 256) -> int:
-    """max over rows of #{z > threshold}, a few rows at a time (a bool→int64 sum would copy the tile 8×)."""
-    return max(int((z[r : r + rows] > threshold[r : r + rows]).sum(dim=1).max()) for r in range(0, z.shape[0], rows))
-
-
-def _merge_topk(z, v0, topk, best_vals, best_idx):
-    """Fold one tile into the running top-K (values sorted descending, ids).
-
-    Only as many tile entries as beat some row's current K-th value can enter, and that number
-    shrinks quickly as the top-K settles: asking `torch.topk` for just that many is much cheaper
-    than a full top-K of every tile.
+    Larger logit first, and on a tie the lower vocabulary id; every key is unique. (+0.0 is added first so that
+    −0.0 and +0.0, equal logits, tie on the id like any other pair.)
     """
-    width = z.shape[1]
-    if best_vals is None:
-        vals, idx = torch.topk(z, min(topk, width), dim=1)
-        return vals, idx + v0
-    if best_vals.shape[1] < topk:  # still filling up (tiles narrower than K)
-        take = min(topk, width)
-    else:
-        take = _max_count_above(z, best_vals[:, -1:])
-        if take == 0:
-            return best_vals, best_idx
-    vals, idx = torch.topk(z, min(take, width), dim=1)
-    k = min(topk, best_vals.shape[1] + vals.shape[1])
-    vals, pos = torch.topk(torch.cat([best_vals, vals], 1), k, dim=1)
-    return vals, torch.cat([best_idx, idx + v0], 1).gather(1, pos)
+    bits = (values.float() + 0.0).view(torch.int32).long()
+    ordered = bits ^ ((bits >> 31) & _INT32_MAX)
+    return (ordered << 32) | (_INT32_MAX - ids)
+
+
+def decode_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of `pack_keys`: int64 keys → (fp32 logits, int64 vocabulary ids)."""
+    high = keys >> 32
+    bits = (high ^ ((high >> 31) & _INT32_MAX)).to(torch.int32)
+    return bits.view(torch.float32), _INT32_MAX - (keys & 0xFFFFFFFF)
 
 
 def _tiles(n: int, vocab: int, hidden: int, budget: int, bytes_per_element: int):
@@ -63,13 +59,19 @@ def _tiles(n: int, vocab: int, hidden: int, budget: int, bytes_per_element: int)
 
 
 def _scratch(n: int, vocab: int, hidden: int, budget: int, bytes_per_element: int, dtype, device) -> torch.Tensor:
+    """A flat tile buffer plus one spare element at the end: the target of masked-out scatter writes."""
     rows, cols = plan_tiles(n, vocab, hidden, budget, bytes_per_element)
-    return torch.empty(rows * cols, dtype=dtype, device=device)
+    return torch.empty(rows * cols + 1, dtype=dtype, device=device)
 
 
-def _tile(scratch: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """A contiguous (rows, cols) view at the start of a flat scratch buffer."""
-    return scratch[: rows * cols].view(rows, cols)
+def _flat(scratch: torch.Tensor, idx: torch.Tensor, v0: int, v1: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat positions in a (rows, cols) tile of the ids idx (rows, k) inside [v0, v1), else the spare element.
+
+    Lets a gather or scatter at data-dependent ids run without a host synchronisation (no boolean indexing).
+    """
+    inside = (idx >= v0) & (idx < v1)
+    rows = torch.arange(idx.shape[0], device=idx.device).unsqueeze(1) * cols
+    return torch.where(inside, rows + (idx - v0), scratch.numel() - 1), inside
 
 
 class TorchTiles(TileOps):
@@ -78,52 +80,124 @@ class TorchTiles(TileOps):
     name = "torch"
     tile_bytes_per_element = TILE_BYTES_PER_ELEMENT
 
-    def _stream(self, h, weight, targets, opts: HeadOptions, topk: int | None) -> Stats:
+    # ------------------------------------------------------------------ forward
+
+    def student_stats(self, h, weight, targets, opts: HeadOptions) -> Stats:
+        if not opts.topk:
+            return self._sweep(h, weight, targets, opts, None)
+        stats, ties = self._topk_sweep(h, weight, targets, opts, exact=False)
+        # One host check per call. A tie at a tile's K-th value may have been broken against the lower id by
+        # torch.topk, which leaves tie order unspecified: redo just those rows on exact keys.
+        if bool(ties.any()):
+            rows = ties.nonzero().squeeze(1)
+            redo, _ = self._topk_sweep(h[rows], weight, targets[rows], opts, exact=True)
+            for full, part in zip(stats, redo):
+                full[rows] = part
+        return stats
+
+    def teacher_stats(self, h, weight, targets, opts: HeadOptions, top_idx) -> Stats:
+        return self._sweep(h, weight, targets, opts, top_idx)
+
+    def _sweep(self, h, weight, targets, opts: HeadOptions, top_idx) -> Stats:
+        """Online logsumexp (and target logit). With `top_idx`: the logits there, and the sum without them."""
         n, vocab, hidden = h.shape[0], weight.shape[0], h.shape[1]
         acc = accumulation_dtype(h)
-        lse = torch.empty(n, dtype=acc, device=h.device)
-        target_logit = torch.zeros(n, dtype=acc, device=h.device)
-        top_vals = torch.empty(n, topk or 0, dtype=acc, device=h.device)
-        top_idx = torch.empty(n, topk or 0, dtype=torch.int64, device=h.device)
+        run_max = torch.full((n,), -math.inf, dtype=acc, device=h.device)
+        run_sum = torch.zeros(n, dtype=acc, device=h.device)
+        target = torch.zeros(n, dtype=acc, device=h.device)
+        top = None if top_idx is None else torch.zeros(top_idx.shape, dtype=acc, device=h.device)
         scratch = _scratch(n, vocab, hidden, opts.budget_bytes, TILE_BYTES_PER_ELEMENT, acc, h.device)
         for rows, col_ranges in _tiles(n, vocab, hidden, opts.budget_bytes, TILE_BYTES_PER_ELEMENT):
-            h_rows, y = h[rows], targets[rows]
-            m = h_rows.shape[0]
-            run_max = torch.full((m,), -math.inf, dtype=acc, device=h.device)
-            run_sum = torch.zeros(m, dtype=acc, device=h.device)
-            best_vals = best_idx = None
+            m = rows.stop - rows.start
             for v0, v1 in col_ranges:
-                z = _logits_into(_tile(scratch, m, v1 - v0), h_rows, weight[v0:v1], opts.inv_temp)
-                inside = (y >= v0) & (y < v1)
-                if bool(inside.any()):
-                    r = inside.nonzero().squeeze(1)
-                    target_logit[rows.start + r] = z[r, y[r] - v0]
-                if topk:
-                    best_vals, best_idx = _merge_topk(z, v0, topk, best_vals, best_idx)
-                # online logsumexp, consuming the tile in place (torch.logsumexp would allocate a second tile)
-                new_max = torch.maximum(run_max, z.amax(dim=1))
-                run_sum.mul_(torch.exp(run_max - new_max)).add_(z.sub_(new_max.unsqueeze(1)).exp_().sum(dim=1))
-                run_max = new_max
-            lse[rows] = run_max + torch.log(run_sum)
-            if topk:
-                top_vals[rows], top_idx[rows] = best_vals, best_idx
-        return Stats(lse, target_logit, top_vals if topk else None, top_idx if topk else None)
+                z = logits_into(scratch[: m * (v1 - v0)].view(m, v1 - v0), h[rows], weight[v0:v1], opts.inv_temp)
+                self._gather_target(scratch, targets[rows], v0, v1, target[rows])
+                if top is not None:  # take out the student's ids: the rest of the tile is the teacher's tail
+                    flat, inside = _flat(scratch, top_idx[rows], v0, v1, v1 - v0)
+                    top[rows] = torch.where(inside, scratch[flat], top[rows])
+                    scratch[flat] = -math.inf
+                # (the max of what is left; `finish_normaliser` raises it to cover the taken-out logits)
+                new_max = torch.maximum(run_max[rows], z.amax(dim=1))
+                shift = torch.where(new_max == -math.inf, 0.0, new_max)  # every entry so far taken out: sum 0
+                tile_sum = z.sub_(shift.unsqueeze(1)).exp_().sum(dim=1)  # in place: no second tile
+                run_sum[rows] = run_sum[rows] * torch.exp(run_max[rows] - shift) + tile_sum
+                run_max[rows] = new_max
+        if top is None:
+            return Stats(run_max, torch.log(run_sum), target)
+        run_max, log_sum, log_tail = finish_normaliser(run_max, run_sum, top)
+        return Stats(run_max, log_sum, target, top, top_idx, log_tail)
 
-    def gather(self, h, weight, idx, opts: HeadOptions) -> torch.Tensor:
-        """Logits at given vocabulary ids: (N, K) dot products, in row chunks of bounded size."""
-        n, k = idx.shape
+    @staticmethod
+    def _gather_target(scratch, y, v0, v1, out):
+        flat, inside = _flat(scratch, y.unsqueeze(1), v0, v1, v1 - v0)
+        out.copy_(torch.where(inside.squeeze(1), scratch[flat.squeeze(1)], out))
+
+    def _topk_sweep(self, h, weight, targets, opts: HeadOptions, exact: bool) -> tuple[Stats, torch.Tensor]:
+        """The student pass with its running top-K and directly summed tail; returns (stats, tie rows).
+
+        exact=False: each tile's candidates come from `torch.topk(z, K + 1)` on the logits; a tile whose K-th and
+        (K+1)-th logits tie is flagged (torch.topk may have kept the higher id) when that value can still reach
+        the top-K. exact=True: from packed keys of the whole tile (an int64 copy of it), which order ties.
+        """
+        n, vocab, hidden, k = h.shape[0], weight.shape[0], h.shape[1], opts.topk
         acc = accumulation_dtype(h)
-        out = torch.empty(n, k, dtype=acc, device=h.device)
-        # the gathered (rows, K, H) weight rows, in fp32, take at most a quarter of the budget
-        rows_per_chunk = max(1, opts.budget_bytes // (16 * max(k, 1) * max(h.shape[1], 1)))
-        for r0 in range(0, n, rows_per_chunk):
-            r1 = min(n, r0 + rows_per_chunk)
-            w_rows = weight[idx[r0:r1]].to(acc)  # (rows, K, H), contiguous: bmm needs no further copy
-            logits = torch.bmm(w_rows, h[r0:r1].to(acc).unsqueeze(2)).squeeze(2)
-            out[r0:r1] = logits.mul_(opts.inv_temp)
-        return out
+        dev = h.device
+        run_max = torch.full((n,), -math.inf, dtype=acc, device=dev)
+        tail = torch.zeros(n, dtype=acc, device=dev)
+        target = torch.zeros(n, dtype=acc, device=dev)
+        best_keys = torch.empty(n, k, dtype=torch.int64, device=dev)
+        best_vals = torch.empty(n, k, dtype=acc, device=dev)
+        ties = torch.zeros(n, dtype=torch.bool, device=dev)
+        per_element = EXACT_TILE_BYTES_PER_ELEMENT if exact else TILE_BYTES_PER_ELEMENT
+        scratch = _scratch(n, vocab, hidden, opts.budget_bytes, per_element, acc, dev)
+        for rows, col_ranges in _tiles(n, vocab, hidden, opts.budget_bytes, per_element):
+            m = rows.stop - rows.start
+            keys = vals = None  # the running top-K of these rows, as keys (sorted descending) and values
+            r_max = torch.full((m,), -math.inf, dtype=acc, device=dev)
+            r_tail = torch.zeros(m, dtype=acc, device=dev)
+            r_ties = torch.zeros(m, dtype=torch.bool, device=dev)
+            for v0, v1 in col_ranges:
+                width = v1 - v0
+                z = logits_into(scratch[: m * width].view(m, width), h[rows], weight[v0:v1], opts.inv_temp)
+                self._gather_target(scratch, targets[rows], v0, v1, target[rows])
+                take = min(k, width)
+                if exact:
+                    ids = torch.arange(v0, v1, device=dev)
+                    cand_keys = torch.topk(pack_keys(z, ids), take, dim=1).values
+                    cand_vals, cand_ids = decode_keys(cand_keys)
+                    cand_vals = cand_vals.to(acc)
+                    local = cand_ids - v0
+                else:
+                    tv, ti = torch.topk(z, min(k + 1, width), dim=1)
+                    cand_vals, local = tv[:, :take], ti[:, :take]
+                    cand_ids = local + v0
+                    cand_keys = pack_keys(cand_vals, cand_ids)
+                    tile_tie = tv[:, take - 1] == tv[:, take] if width > k else None
+                new_max = torch.maximum(r_max, cand_vals[:, 0])
+                scale = torch.exp(r_max - new_max)
+                # the tile's entries outside its K candidates are tail: sum them in place, candidates zeroed
+                z.sub_(new_max.unsqueeze(1)).exp_().scatter_(1, local, 0.0)
+                r_tail = r_tail * scale + z.sum(dim=1)
+                if keys is None:
+                    pool_keys, pool_vals = cand_keys, cand_vals
+                else:
+                    pool_keys, pool_vals = torch.cat([keys, cand_keys], 1), torch.cat([vals, cand_vals], 1)
+                keep = min(k, pool_keys.shape[1])
+                keys, pos = torch.topk(pool_keys, keep, dim=1)
+                if keep < pool_keys.shape[1]:  # the candidates (old or new) that lost go to the tail
+                    lost = torch.ones_like(pool_keys, dtype=torch.bool).scatter_(1, pos, False)
+                    r_tail = r_tail + torch.where(lost, torch.exp(pool_vals - new_max.unsqueeze(1)), 0.0).sum(dim=1)
+                vals = pool_vals.gather(1, pos)
+                if not exact and tile_tie is not None and keep == k:
+                    r_ties |= tile_tie & (cand_vals[:, -1] >= vals[:, -1])
+                r_max = new_max
+            run_max[rows], tail[rows], ties[rows] = r_max, r_tail, r_ties
+            best_keys[rows], best_vals[rows] = keys, vals
+        top_idx = decode_keys(best_keys)[1]
+        run_max, log_sum, log_tail = finish_normaliser(run_max, tail, best_vals)
+        return Stats(run_max, log_sum, target, best_vals, top_idx, log_tail), ties
 
-    def full_divergence(self, h_s, w_s, h_t, w_t, lse_s, lse_t, opts: HeadOptions):
+    def full_divergence(self, h_s, w_s, h_t, w_t, student: Stats, teacher: Stats, opts: HeadOptions):
         """Exact full-vocabulary divergence, streamed; also (1 − α)·KL(S‖M) for the JSD gradient."""
         n, vocab = h_s.shape[0], w_s.shape[0]
         acc = accumulation_dtype(h_s)
@@ -132,52 +206,52 @@ class TorchTiles(TileOps):
         hidden = max(h_s.shape[1], h_t.shape[1])
         for rows, col_ranges in _tiles(n, vocab, hidden, opts.budget_bytes, FULL_TILE_BYTES_PER_ELEMENT):
             for v0, v1 in col_ranges:
-                ls, lt = self._log_probs(h_s, w_s, lse_s, h_t, w_t, lse_t, rows, v0, v1, opts.inv_temp)
+                ls = self._log_probs(h_s, w_s, student, rows, v0, v1, opts.inv_temp)
+                lt = self._log_probs(h_t, w_t, teacher, rows, v0, v1, opts.inv_temp)
                 d, p = _full_terms(ls, lt, opts.alpha)
                 div[rows] += d
                 partial[rows] += p
         return div, partial
 
     @staticmethod
-    def _log_probs(h_s, w_s, lse_s, h_t, w_t, lse_t, rows, v0, v1, inv_temp):
-        acc = accumulation_dtype(h_s)
-        m = h_s[rows].shape[0]
-        ls = _logits_into(torch.empty(m, v1 - v0, dtype=acc, device=h_s.device), h_s[rows], w_s[v0:v1], inv_temp)
-        lt = _logits_into(torch.empty_like(ls), h_t[rows], w_t[v0:v1], inv_temp)
-        return ls.sub_(lse_s[rows].unsqueeze(1)), lt.sub_(lse_t[rows].unsqueeze(1))
+    def _log_probs(h, w, stats: Stats, rows, v0, v1, inv_temp, out=None):
+        """(z − max) − log_sum for one tile: two subtractions, never one of (max + log_sum)."""
+        acc = accumulation_dtype(h)
+        m = rows.stop - rows.start
+        out = torch.empty(m, v1 - v0, dtype=acc, device=h.device) if out is None else out
+        z = logits_into(out, h[rows], w[v0:v1], inv_temp)
+        return z.sub_(stats.max[rows].unsqueeze(1)).sub_(stats.log_sum[rows].unsqueeze(1))
 
-    def dense_grad(self, spec: GradSpec, rows: slice, v0: int, v1: int, out: torch.Tensor) -> None:
-        """out = −c·p_S (top-K mode), or g_D·G − c·p_S (full vocabulary), for one tile."""
+    # ------------------------------------------------------------------ backward
+
+    def grad_tile(self, spec: GradSpec, rows: slice, v0: int, v1: int, scratch: torch.Tensor) -> torch.Tensor:
+        """dz of one tile: −c·p_S (+ g_D·G in full-vocabulary mode), then the written entries; in the GEMM dtype."""
+        acc = accumulation_dtype(spec.h)
+        m, width = rows.stop - rows.start, v1 - v0
+        flat = scratch[: (m * width + 1) * torch.finfo(acc).bits // 8].view(acc)
+        tile = flat[: m * width].view(m, width)
         coef = spec.coef[rows].unsqueeze(1)
         if spec.teacher_h is None:
-            acc = accumulation_dtype(spec.h)
-            target = out if out.dtype == acc else torch.empty(out.shape, dtype=acc, device=out.device)
-            p_s = _logits_into(target, spec.h[rows], spec.weight[v0:v1], spec.inv_temp)
-            p_s.sub_(spec.lse[rows].unsqueeze(1)).exp_().mul_(-coef)
-            if target is not out:
-                out.copy_(target)
-            return
-        ls, lt = self._log_probs(
-            spec.h,
-            spec.weight,
-            spec.lse,
-            spec.teacher_h,
-            spec.teacher_weight,
-            spec.teacher_lse,
-            rows,
-            v0,
-            v1,
-            spec.inv_temp,
-        )
-        p_s = ls.exp()
-        if spec.alpha == 0.0:
-            g = lt.exp_().neg_()  # G = −p_T
-        elif spec.alpha == 1.0:
-            g = (ls - lt).mul_(p_s)  # G = p_S·(ℓ_S − ℓ_T)
+            # p = exp(z − max)/s: the 1/s folds into the coefficient, so z − max is the only subtraction
+            logits_into(tile, spec.h[rows], spec.weight[v0:v1], spec.inv_temp)
+            scale = -coef * torch.exp(-spec.log_sum[rows].unsqueeze(1))
+            tile.sub_(spec.max[rows].unsqueeze(1)).exp_().mul_(scale)
         else:
-            lm = torch.logaddexp(ls + math.log1p(-spec.alpha), lt + math.log(spec.alpha))
-            g = (ls - lm).mul_(p_s).mul_(1 - spec.alpha)  # G = (1 − α)·p_S·(ℓ_S − ℓ_M)
-        out.copy_(g.mul_(spec.div_grad[rows].unsqueeze(1)).sub_(p_s.mul_(coef)))
+            student = Stats(spec.max, spec.log_sum, spec.targets)
+            teacher = Stats(spec.teacher_max, spec.teacher_log_sum, spec.targets)
+            ls = self._log_probs(spec.h, spec.weight, student, rows, v0, v1, spec.inv_temp, out=tile)
+            lt = self._log_probs(spec.teacher_h, spec.teacher_weight, teacher, rows, v0, v1, spec.inv_temp)
+            g = full_divergence_grad_at(ls, lt, spec.alpha)
+            tile.copy_(g.mul_(spec.div_grad[rows].unsqueeze(1)).sub_(ls.exp_().mul_(coef)))
+        if spec.write_idx is not None:
+            where, _ = _flat(flat, spec.write_idx[rows], v0, v1, width)
+            flat[where] = spec.write_val[rows].to(acc)
+        where, inside = _flat(flat, spec.targets[rows].unsqueeze(1), v0, v1, width)
+        write = inside.squeeze(1) & spec.target_write[rows]
+        flat[torch.where(write, where.squeeze(1), flat.numel() - 1)] = spec.target_val[rows].to(acc)
+        if spec.h.is_cuda and spec.weight.dtype in (torch.bfloat16, torch.float16):
+            return tile.to(spec.weight.dtype)  # rounded once, for the tensor-core GEMMs
+        return tile
 
 
 def _full_terms(ls: torch.Tensor, lt: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Ahead-of-time compilation of every SDPO kernel and autotune configuration for real GPU architectures.
+"""Ahead-of-time compilation of every SDPO row kernel and specialisation for real GPU architectures.
 
 No GPU is needed: `triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))` runs the whole
 pipeline down to a cubin with the `ptxas` shipped in the triton wheel, and `cuobjdump` (also in the
@@ -42,18 +42,21 @@ class CompileResult:
         return self.error is None and self.shared <= self.max_shared
 
 
-# Argument types by name, as the launchers in triton_head.py pass them: hidden states and weights in
-# the model's dtype, ids and top-K keys in int64, every other buffer (statistics, the dz tile) in fp32.
-_MODEL_DTYPE_PTRS = {"h_ptr", "w_ptr", "hs_ptr", "ws_ptr", "ht_ptr", "wt_ptr"}
-_INT64_PTRS = {"y_ptr", "idx_ptr", "keys_ptr"}
+# Argument types by name, as the launchers in triton_head.py pass them: the logit tiles and every per-row
+# statistic in fp32, ids and packed top-K keys in int64, the candidate counter in int32, and the gradient tile
+# `out_ptr` in the GEMM dtype (the model's half dtype on CUDA, or fp32 for fp32 models: see VARIANTS).
+_INT64_PTRS = {"y_ptr", "ids_ptr", "keys_ptr"}
+_INT32_PTRS = {"count_ptr"}
 _FLOAT_SCALARS = {"inv_temp", "alpha", "log_one_minus_alpha", "log_alpha"}
 
 
-def _arg_type(name: str, dtype: str) -> str:
-    if name in _MODEL_DTYPE_PTRS:
-        return f"*{dtype}"
+def _arg_type(name: str, out_dtype: str) -> str:
+    if name == "out_ptr":
+        return f"*{out_dtype}"
     if name in _INT64_PTRS:
         return "*i64"
+    if name in _INT32_PTRS:
+        return "*i32"
     if name.endswith("_ptr"):
         return "*fp32"
     return "fp32" if name in _FLOAT_SCALARS else "i32"
@@ -61,27 +64,28 @@ def _arg_type(name: str, dtype: str) -> str:
 
 def _signature(kernel: str, dtype: str, variant: dict) -> tuple[dict, dict]:
     """Triton signature and constexprs for one specialisation, read off the kernel's own parameters."""
-    from .triton_head import _KERNELS
+    from .triton_head import KERNELS
 
-    params = _KERNELS[kernel].params
-    sig = {p.name: "constexpr" if p.is_constexpr else _arg_type(p.name, dtype) for p in params}
-    const = dict(variant)
-    if "PRECISION" in sig:
-        const["PRECISION"] = "tf32"
-    return sig, const
+    variant = dict(variant)
+    out_dtype = variant.pop("out", dtype)
+    params = KERNELS[kernel].params
+    sig = {p.name: "constexpr" if p.is_constexpr else _arg_type(p.name, out_dtype) for p in params}
+    return sig, variant
 
 
-# The constexpr specialisations worth proving: the student's top-K (K=100 → KP=128, and the K ≤ 256
-# maximum), the teacher's plain logsumexp, each α branch of the full-vocabulary pass and gradient.
+# The constexpr specialisations the launchers use: every sweep mode, the teacher mask at K=100 (KB=128) and at
+# the largest K (TRITON_MAX_TOPK=1024), the gradient tile in top-K mode (written in the half dtype, or in fp32 in
+# place) and in full-vocabulary mode for each α branch, and the full-vocabulary divergence for each α branch.
 VARIANTS = {
-    "stats": [
-        dict(KP=128, DO_TOPK=True),
-        dict(KP=256, DO_TOPK=True),
-        dict(KP=1, DO_TOPK=False),
-    ],  # KP=256 only where BLOCK_V ≥ 256
-    "gather": [{}],
-    "full": [dict(ALPHA_MODE=2)],
-    "grad": [dict(FULL=False, ALPHA_MODE=2), dict(FULL=True, ALPHA_MODE=2)],
+    "sweep": [dict(MODE=0, TARGET=True), dict(MODE=0, TARGET=False), dict(MODE=1), dict(MODE=2)],
+    "mask": [dict(KB=128), dict(KB=1024)],
+    "grad": [
+        dict(FULL=False, ALPHA_MODE=2, WRITES=True, KB=128),
+        dict(FULL=False, ALPHA_MODE=2, WRITES=True, KB=1024),
+        dict(FULL=False, ALPHA_MODE=2, WRITES=True, KB=128, out="fp32"),
+        *(dict(FULL=True, ALPHA_MODE=a, WRITES=False, KB=1) for a in (0, 1, 2)),
+    ],
+    "full": [dict(ALPHA_MODE=a) for a in (0, 1, 2)],
 }
 
 
@@ -99,39 +103,28 @@ def _resource_usage(cubin: bytes) -> tuple[int | None, int | None]:
     return (int(reg.group(1)) if reg else None), (int(stack.group(1)) if stack else None)
 
 
-def compile_one(kernel: str, arch: int, config, variant: dict, dtype: str) -> CompileResult:
+def compile_one(kernel: str, arch: int, variant: dict, dtype: str) -> CompileResult:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from .triton_head import _KERNELS
+    from .triton_head import CONFIGS, KERNELS
 
-    fn = _KERNELS[kernel]
+    cfg = dict(CONFIGS[kernel])
+    warps = cfg.pop("num_warps")
     sig, const = _signature(kernel, dtype, variant)  # every constexpr, block sizes included, is marked there
-    const = {**const, **config.kwargs}
-    label = (
-        " ".join(f"{k}={v}" for k, v in config.kwargs.items()) + f" warps={config.num_warps} stages={config.num_stages}"
-    )
+    const = {**const, **cfg}
+    label = " ".join(f"{k}={v}" for k, v in cfg.items()) + f" warps={warps}"
     vlabel = ",".join(f"{k}={v}" for k, v in variant.items()) or "-"
     try:
         compiled = triton.compile(
-            ASTSource(fn=fn, signature=sig, constexprs=const),
+            ASTSource(fn=KERNELS[kernel], signature=sig, constexprs=const),
             target=GPUTarget("cuda", arch, 32),
-            options={"num_warps": config.num_warps, "num_stages": config.num_stages},
+            options={"num_warps": warps},
         )
     except Exception as err:  # report, do not hide: the test asserts there are none
-        return CompileResult(
-            kernel,
-            arch,
-            dtype,
-            label,
-            vlabel,
-            0,
-            MAX_SHARED[arch],
-            None,
-            None,
-            error=f"{type(err).__name__}: {err}"[:500],
-        )
+        error = f"{type(err).__name__}: {err}"[:500]
+        return CompileResult(kernel, arch, dtype, label, vlabel, 0, MAX_SHARED[arch], None, None, error=error)
     regs, spill = _resource_usage(compiled.asm["cubin"])
     mma = len(re.findall(r"\bmma\.sync|\bwgmma\.mma_async", compiled.asm["ptx"]))
     return CompileResult(
@@ -140,34 +133,26 @@ def compile_one(kernel: str, arch: int, config, variant: dict, dtype: str) -> Co
 
 
 def _jobs(archs, kernels) -> list[tuple]:
-    from .triton_head import autotune_space
-
     jobs = []
     for arch in archs:
         dtype = "fp16" if arch < 80 else "bf16"  # Turing (T4) has no bf16
         for kernel in kernels:
-            for index, _ in enumerate(autotune_space(kernel, (arch // 10, arch % 10))):
-                for variant in VARIANTS[kernel]:
-                    jobs.append((kernel, arch, index, variant, dtype))
+            for variant in VARIANTS[kernel]:
+                jobs.append((kernel, arch, variant, dtype))
     return jobs
 
 
 def _run_job(job: tuple) -> CompileResult:
-    from .triton_head import autotune_space
-
-    kernel, arch, index, variant, dtype = job
-    return compile_one(kernel, arch, autotune_space(kernel, (arch // 10, arch % 10))[index], variant, dtype)
+    return compile_one(*job)
 
 
 def compile_all(archs=ARCHS, kernels=tuple(VARIANTS), jobs: int = 1) -> list[CompileResult]:
-    """Every kernel × autotune configuration (of that architecture's space) × specialisation."""
+    """Every kernel (in its launch configuration) × specialisation × architecture."""
     work = _jobs(archs, kernels)
     if jobs <= 1:
         return [_run_job(j) for j in work]
     from concurrent.futures import ProcessPoolExecutor
 
-    # Heaviest first (the top-K sort networks), so the two workers finish together.
-    work.sort(key=lambda j: (j[0] != "stats", j[1]))
     with ProcessPoolExecutor(max_workers=jobs) as pool:
         return list(pool.map(_run_job, work))
 
@@ -183,20 +168,17 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     results = compile_all(args.arch, args.kernel, args.jobs)
     print(
-        f"{'kernel':7} {'sm':>3} {'dtype':5} {'variant':22} {'config':50} {'shared':>9} {'regs':>5} {'spill':>5} "
+        f"{'kernel':7} {'sm':>3} {'dtype':5} {'variant':52} {'config':26} {'shared':>9} {'regs':>5} {'spill':>5} "
         f"{'mma':>4}  status"
     )
     for r in results:
         status = "ok" if r.fits else f"FAIL {r.error or 'shared memory'}"
         print(
-            f"{r.kernel:7} {r.arch:>3} {r.dtype:5} {r.variant:22} {r.config:50} {r.shared:>9} {r.registers!s:>5} "
+            f"{r.kernel:7} {r.arch:>3} {r.dtype:5} {r.variant:52} {r.config:26} {r.shared:>9} {r.registers!s:>5} "
             f"{r.spill_bytes!s:>5} {r.tensor_core_ops:>4}  {status}"
         )
-    if any(r.arch < 80 and r.kernel != "gather" and not r.tensor_core_ops for r in results):
-        print(
-            "\nNote: this Triton compiles tl.dot to CUDA-core FMAs before sm_80 (no tensor cores on a T4; "
-            "Triton >= 3.3, triton-lang/triton#5066). backend='auto' picks the torch backend (cuBLAS) there."
-        )
+    if any(r.tensor_core_ops for r in results):
+        print("\nNote: a row kernel emitted tensor-core instructions; they are meant to contain no tl.dot.")
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(r) for r in results], f, indent=1)

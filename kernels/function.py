@@ -1,27 +1,41 @@
-"""The SDPO head as one `torch.autograd.Function`, shared by the chunked PyTorch and Triton backends.
+"""The SDPO head as one `torch.autograd.Function`, shared by the chunked PyTorch and the Triton backends.
 
 A backend supplies *tile operations* (see `TileOps`): streaming statistics over the vocabulary in
-the forward pass and one dense gradient tile in the backward pass. Everything else lives here:
+the forward pass and one gradient tile in the backward pass. Everything else lives here:
 
-forward   student stats (LSE, target logit, top-K)  ─┐
-          teacher stats (LSE, target logit, logits   ├─► epilogue on (N, K): buckets + divergence
-                         gathered at student top-K) ─┘    and ∂D/∂ℓ_k (tiny, float64, autograd)
+forward   student stats (max, log-sum, target logit, top-K, tail sum)  ─┐
+          teacher stats (max, log-sum, target logit, logits at the      ├─► epilogue on (N, K), float64:
+                         student's top-K, tail sum without those K)    ─┘    buckets, D, ∂D/∂ℓ, backward terms
 backward  for each vocabulary chunk × row chunk:
-              dz = dense tile (−c·p, plus the full-vocabulary term)  + sparse entries (K + target)
+              dz = dense −c·p_j (+ the full-vocabulary term), the K top-K entries *written*, the target term
               dh += dz·W_chunk        dW_chunk += dzᵀ·h       (fp32 accumulation)
 
-∂D/∂z_j = Σ_k G_k·(δ_{j,I_k} − p_j) = G_{k(j)}·[j ∈ I] − (Σ_k G_k)·p_j: a cross-entropy-shaped
-gradient with K scattered entries, so no (N, V) buffer is ever needed.
+Exactness (issue 14). The normaliser is carried as a pair (m, log s), m the row max and s = Σ exp(z − m), so
+ℓ_j = (z_j − m) − log s is exact in fp32 near the max (z − m is exact there, by Sterbenz); m + log s as one fp32
+number is off by ~5e−4 at |z| ~ 1e4. The tail mass p_tail is *summed* over the entries outside the top-K, never
+formed as 1 − Σ_k p_k, which cancels when the top-K holds almost everything. The gradient is then
+
+    ∂D/∂z_j = G_k − (ΣG_b)·p_j                   for j = I_k in the top-K
+    ∂D/∂z_j = (G_tail/p_tail − ΣG_b)·p_j         for j outside it
+
+with G_k = ∂D/∂ℓ_k, G_tail = ∂D/∂(log p_tail) (0 where the reference's clamp cuts it) and ΣG_b = Σ_k G_k + G_tail.
+The K entries are *written* from float64 values rather than added to the dense −c·p_j: the dense coefficient
+G_tail/p_tail is huge when p_tail is tiny, and dense + correction would cancel catastrophically.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
-from sdpo_fast.loss import topk_divergence
+from .buckets import topk_divergence
+
+WeightGather = Callable[[], contextlib.AbstractContextManager] | None
 
 
 @dataclass(frozen=True)
@@ -34,89 +48,153 @@ class HeadOptions:
 
 
 class Stats(NamedTuple):
-    """Per-row results of one streaming pass over the vocabulary (all fp32 unless noted)."""
+    """Per-row results of one streaming pass over the vocabulary (fp32 unless noted).
 
-    lse: torch.Tensor  # (N,) logsumexp of the scaled logits
+    `log_tail` is log Σ_{j ∉ top-K} exp(z_j − max) (−inf for an empty tail); log π(j) = (z_j − max) − log_sum.
+    """
+
+    max: torch.Tensor  # (N,) row max of the scaled logits
+    log_sum: torch.Tensor  # (N,) log Σ_j exp(z_j − max)
     target_logit: torch.Tensor  # (N,) scaled logit of the sampled token
-    top_logits: torch.Tensor | None = None  # (N, K) student top-K logits, or teacher logits at those ids
+    top_logits: torch.Tensor | None = None  # (N, K) student top-K logits, or the teacher's logits at those ids
     top_idx: torch.Tensor | None = None  # (N, K) int64 vocabulary ids (student pass only)
+    log_tail: torch.Tensor | None = None  # (N,) see above; top-K passes only
+
+    def log_probs(self, logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(z − max) − log_sum in `dtype`, for (N,) or (N, K) logits of this pass."""
+        shift = self.max if logits.dim() == 1 else self.max.unsqueeze(1)
+        log_sum = self.log_sum if logits.dim() == 1 else self.log_sum.unsqueeze(1)
+        return (logits.to(dtype) - shift.to(dtype)) - log_sum.to(dtype)
+
+
+def finish_normaliser(
+    run_max: torch.Tensor, tail_sum: torch.Tensor, top_logits: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(max, log_sum, log_tail) from a tail sum Σ_{j ∉ top-K} exp(z_j − run_max) and the top-K logits.
+
+    s = tail + Σ_k exp(z_k − max): a sum of positive terms, so no cancellation anywhere. `run_max` need not
+    cover the top-K logits (the teacher's sweep never sees them): the max is raised to include them.
+    """
+    work = epilogue_dtype(run_max.device)
+    top = top_logits.to(work)
+    new_max = torch.maximum(run_max.to(work), top.amax(dim=1)) if top.shape[1] else run_max.to(work)
+    tail = tail_sum.to(work) * torch.exp(run_max.to(work) - new_max)
+    total = tail + torch.exp(top - new_max.unsqueeze(1)).sum(dim=1)
+    return new_max.to(run_max.dtype), torch.log(total).to(run_max.dtype), torch.log(tail).to(run_max.dtype)
 
 
 @dataclass
 class GradSpec:
-    """What a dense gradient tile needs. `coef` is c = g_D·ΣG + g_logp (already × 1/T)."""
+    """What a gradient tile needs: dz_j = −coef·p_j, then `write_val` at `write_idx` and `target_val` at the target.
+
+    `coef` is c = g_D·(ΣG_b − G_tail/p_tail) + g_logp (× 1/T); top-K mode writes the K top-K entries and, where
+    the target is not among them, the target's entry −c·p_y + g_logp; full-vocabulary mode adds g_D·G_j densely
+    and writes the target's entry (`write_idx` is then None).
+    """
 
     h: torch.Tensor
     weight: torch.Tensor
-    lse: torch.Tensor
+    max: torch.Tensor
+    log_sum: torch.Tensor
     coef: torch.Tensor
     inv_temp: float
+    targets: torch.Tensor
+    target_val: torch.Tensor  # (N,) the target's final dz; written only where `target_write` is True
+    target_write: torch.Tensor  # (N,) bool
+    write_idx: torch.Tensor | None = None  # (N, K) top-K ids
+    write_val: torch.Tensor | None = None  # (N, K) their final dz
     # full-vocabulary mode only
     teacher_h: torch.Tensor | None = None
     teacher_weight: torch.Tensor | None = None
-    teacher_lse: torch.Tensor | None = None
+    teacher_max: torch.Tensor | None = None
+    teacher_log_sum: torch.Tensor | None = None
     div_grad: torch.Tensor | None = None  # g_D (already × 1/T)
     alpha: float = 0.5
 
 
 class TileOps:
-    """What a backend implements: streaming passes over the vocabulary and one dense gradient tile.
+    """What a backend implements: streaming passes over the vocabulary and one gradient tile.
 
-    `student_stats` / `teacher_stats` are shared; a backend provides `_stream` (LSE, target logit and,
-    when `topk` is set, the running top-K), `gather`, `full_divergence` and `dense_grad`.
+    - `student_stats`: max, log-sum, target logit and, when `opts.topk` is set, the top-K (ties prefer the lower
+      vocabulary id) with its directly summed tail.
+    - `teacher_stats`: max, log-sum, target logit and, given the student's ids, the logits there and the tail
+      summed over every other entry.
+    - `full_divergence`: the exact full-vocabulary D and (1 − α)·KL(S‖M), from both passes' normalisers.
+    - `grad_tile`: the final dz of one (rows × vocabulary chunk) tile, in the GEMM operand dtype.
     """
 
     name: str
-    tile_bytes_per_element: int
+    tile_bytes_per_element: int  # backward scratch per tile element, for `plan_tiles`
 
     def student_stats(self, h, weight, targets, opts: HeadOptions) -> Stats:
-        return self._stream(h, weight, targets, opts, opts.topk)
-
-    def teacher_stats(self, h, weight, targets, opts: HeadOptions, top_idx) -> Stats:
-        """The teacher's LSE and target logit, plus its logits at the *student's* top-K ids."""
-        stats = self._stream(h, weight, targets, opts, None)
-        if top_idx is None:
-            return stats
-        return stats._replace(top_logits=self.gather(h, weight, top_idx, opts))
-
-    def _stream(self, h, weight, targets, opts: HeadOptions, topk: int | None) -> Stats:
         raise NotImplementedError
 
-    def gather(self, h, weight, idx, opts: HeadOptions) -> torch.Tensor:
+    def teacher_stats(self, h, weight, targets, opts: HeadOptions, top_idx: torch.Tensor | None) -> Stats:
         raise NotImplementedError
 
-    def full_divergence(self, h_s, w_s, h_t, w_t, lse_s, lse_t, opts: HeadOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    def full_divergence(self, h_s, w_s, h_t, w_t, student: Stats, teacher: Stats, opts: HeadOptions):
         raise NotImplementedError
 
-    def dense_grad(self, spec: GradSpec, rows: slice, v0: int, v1: int, out: torch.Tensor) -> None:
+    def grad_tile(self, spec: GradSpec, rows: slice, v0: int, v1: int, scratch: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
 
-def bucket_divergence_and_grad(
-    student_topk: torch.Tensor, teacher_topk: torch.Tensor, opts: HeadOptions
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """D over K(+1) buckets and G = ∂D/∂ℓ^S_k (through the tail too), from (N, K) log-probs.
+class BucketTerms(NamedTuple):
+    div: torch.Tensor  # (N,) D
+    written: torch.Tensor  # (N, K) A_k = G_k − ΣG_b·p_k: the written entries are g_D·A_k − g_logp·p_k
+    p_top: torch.Tensor  # (N, K) p_k
+    dense: torch.Tensor  # (N,) B = ΣG_b − G_tail/p_tail: the dense coefficient is c = g_D·B + g_logp
 
-    Runs the reference-faithful bucket maths of `sdpo_fast.loss` in float64 under autograd: the
-    tensors are tiny, and float64 removes the cancellation in log(1 − top-K mass).
+
+def bucket_terms(student: Stats, teacher: Stats, opts: HeadOptions) -> BucketTerms:
+    """D over K(+1) buckets and the backward's per-row terms, in float64 (the tensors are (N, K): tiny).
+
+    The reference-faithful bucket maths of `kernels.buckets` runs under autograd with the student's top-K
+    log-probs and its tail log-prob as separate leaves, which gives G_k and G_tail directly.
     """
-    out_dtype = student_topk.dtype
-    work = epilogue_dtype(student_topk.device)
-    s = student_topk.detach().to(work).requires_grad_(True)
-    t = teacher_topk.detach().to(work)
+    out_dtype = student.max.dtype
+    work = epilogue_dtype(student.max.device)
+    s_top = student.log_probs(student.top_logits, work).requires_grad_(True)
+    t_top = teacher.log_probs(teacher.top_logits, work)
+    s_tail = (student.log_tail.to(work) - student.log_sum.to(work)).requires_grad_(True)
+    t_tail = teacher.log_tail.to(work) - teacher.log_sum.to(work)
     with torch.enable_grad():
-        div = topk_divergence(s, t, alpha=opts.alpha, add_tail=opts.add_tail)
-        (grad,) = torch.autograd.grad(div.sum(), s)
-    return div.detach().to(out_dtype), grad.to(out_dtype)
+        div = topk_divergence(
+            s_top, t_top, alpha=opts.alpha, add_tail=opts.add_tail, student_tail_log_prob=s_tail,
+            teacher_tail_log_prob=t_tail,
+        )  # fmt: skip
+        g_top, g_tail = torch.autograd.grad(div.sum(), (s_top, s_tail), allow_unused=True)
+    g_tail = torch.zeros_like(s_tail) if g_tail is None else g_tail  # no tail bucket: renormalised top-K
+    p_top = torch.exp(s_top.detach())
+    total = g_top.sum(dim=1) + g_tail
+    # G_tail/p_tail; G_tail is exactly 0 where the clamp cut it, and p_tail may then be 0 too
+    tail_coef = torch.where(g_tail != 0, g_tail / torch.exp(s_tail.detach()), torch.zeros_like(g_tail))
+    return BucketTerms(
+        div.detach().to(out_dtype),
+        (g_top - total.unsqueeze(1) * p_top).to(out_dtype),
+        p_top.to(out_dtype),
+        (total - tail_coef).to(out_dtype),
+    )
 
 
 def full_divergence_grad_sum(div: torch.Tensor, partial: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Σ_v G_v for the full-vocabulary gradient dz = g_D·(G − (Σ G)·p_s); see `dense_grad` of a backend."""
+    """Σ_v G_v for the full-vocabulary gradient dz = g_D·(G − (Σ G)·p_s); see `grad_tile` of a backend."""
     if alpha == 0.0:
         return torch.full_like(div, -1.0)  # G = −p_T
     if alpha == 1.0:
         return div  # G = p_S·(ℓ_S − ℓ_T), Σ G = D
     return partial  # G = (1 − α)·p_S·(ℓ_S − ℓ_M), Σ G = (1 − α)·KL(S ‖ M), from the forward pass
+
+
+def full_divergence_grad_at(ls: torch.Tensor, lt: torch.Tensor, alpha: float) -> torch.Tensor:
+    """G_j of the full-vocabulary divergence at given student/teacher log-probs (see `full_divergence_grad_sum`)."""
+    p_s = torch.exp(ls)
+    if alpha == 0.0:
+        return -torch.exp(lt)
+    if alpha == 1.0:
+        return p_s * (ls - lt)
+    lm = torch.logaddexp(ls + math.log1p(-alpha), lt + math.log(alpha))
+    return (1 - alpha) * p_s * (ls - lm)
 
 
 def plan_tiles(n_rows: int, vocab: int, hidden: int, budget_bytes: int, bytes_per_element: int) -> tuple[int, int]:
@@ -141,95 +219,140 @@ def accumulation_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _gemm_operand(x: torch.Tensor) -> torch.Tensor:
+def gemm_operand(x: torch.Tensor) -> torch.Tensor:
     """The native half dtype on CUDA, where `out_dtype=float32` keeps accumulation in fp32; else fp32/fp64."""
     if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
         return x
     return x.to(accumulation_dtype(x))
 
 
-def _accumulate_mm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
+def logits_into(out: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, inv_temp: float = 1.0) -> torch.Tensor:
+    """out ← (h @ weightᵀ)·inv_temp, accumulated in fp32 (fp64 for fp64 inputs) whatever the input dtype."""
+    if h.is_cuda and h.dtype in (torch.bfloat16, torch.float16):
+        torch.mm(h, weight.t(), out_dtype=torch.float32, out=out)
+    else:
+        torch.mm(h.to(out.dtype), weight.to(out.dtype).t(), out=out)
+    return out.mul_(inv_temp) if inv_temp != 1.0 else out
+
+
+def accumulate_mm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
     """out (+)= a @ b with fp32 accumulation, in place: the first product overwrites, later ones add."""
     if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
-        product = torch.mm(a, b, out_dtype=torch.float32)
-        out.copy_(product) if first else out.add_(product)
+        if first:
+            torch.mm(a, b, out_dtype=torch.float32, out=out)
+        else:
+            torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
     elif first:
         torch.mm(a, b, out=out)
     else:
         out.addmm_(a, b)
 
 
-def _add_sparse(tile: torch.Tensor, values: torch.Tensor, idx: torch.Tensor, v0: int, v1: int) -> None:
-    """tile[r, idx[r, s] − v0] += values[r, s] for the entries inside [v0, v1); duplicates accumulate."""
-    inside = (idx >= v0) & (idx < v1)
-    rows = torch.arange(idx.shape[0], device=idx.device).unsqueeze(1).expand_as(idx)
-    flat = (rows * tile.shape[1] + (idx - v0))[inside]
-    tile.view(-1).index_add_(0, flat, values[inside].to(tile.dtype))
-
-
 def linear_backward(
-    spec: GradSpec,
-    ops: TileOps,
-    sparse_values: torch.Tensor,
-    sparse_idx: torch.Tensor,
-    need_dh: bool,
-    need_dw: bool,
-    budget_bytes: int,
+    spec: GradSpec, ops: TileOps, need_dh: bool, need_dw: bool, budget_bytes: int
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """dh = dz·W and dW = dzᵀ·h over vocabulary chunks, never holding more than one dz tile."""
     h, weight = spec.h, spec.weight
     n, hidden = h.shape
     vocab = weight.shape[0]
     rows_per_tile, cols_per_tile = plan_tiles(n, vocab, hidden, budget_bytes, ops.tile_bytes_per_element)
-    h_op = _gemm_operand(h)
+    h_op = gemm_operand(h)
     acc = accumulation_dtype(h)
     grad_h = torch.empty(n, hidden, dtype=acc, device=h.device) if need_dh else None
     grad_w = torch.empty_like(weight) if need_dw else None
-    # dz is formed in fp32 (sparse entries included) and rounded once, to the GEMM dtype, if that is half
-    buffer = torch.empty(rows_per_tile * cols_per_tile, dtype=acc, device=h.device)
+    # one flat byte buffer that a backend views as its tile(s), plus a spare element for masked-out writes
+    scratch_bytes = rows_per_tile * cols_per_tile * ops.tile_bytes_per_element + 64
+    scratch = torch.empty(scratch_bytes, dtype=torch.uint8, device=h.device)
     for v0 in range(0, vocab, cols_per_tile):
         v1 = min(vocab, v0 + cols_per_tile)
-        w_chunk = _gemm_operand(weight[v0:v1])
+        w_chunk = gemm_operand(weight[v0:v1])
         if need_dw:  # accumulate straight into dW when it already has the accumulation dtype
             direct = grad_w.dtype == acc
             grad_w_chunk = grad_w[v0:v1] if direct else torch.empty(v1 - v0, hidden, dtype=acc, device=h.device)
         for r0 in range(0, n, rows_per_tile):
             r1 = min(n, r0 + rows_per_tile)
-            tile = buffer[: (r1 - r0) * (v1 - v0)].view(r1 - r0, v1 - v0)  # contiguous
-            ops.dense_grad(spec, slice(r0, r1), v0, v1, tile)
-            _add_sparse(tile, sparse_values[r0:r1], sparse_idx[r0:r1], v0, v1)
-            dz = tile if tile.dtype == w_chunk.dtype else tile.to(w_chunk.dtype)
+            dz = ops.grad_tile(spec, slice(r0, r1), v0, v1, scratch)  # (r1 − r0, v1 − v0) in w_chunk's dtype
             if need_dh:
-                _accumulate_mm(grad_h[r0:r1], dz, w_chunk, first=v0 == 0)
+                accumulate_mm(grad_h[r0:r1], dz, w_chunk, first=v0 == 0)
             if need_dw:
-                _accumulate_mm(grad_w_chunk, dz.t(), h_op[r0:r1], first=r0 == 0)
+                accumulate_mm(grad_w_chunk, dz.t(), h_op[r0:r1], first=r0 == 0)
         if need_dw and not direct:
             grad_w[v0:v1] = grad_w_chunk.to(weight.dtype)
     return (grad_h.to(h.dtype) if need_dh else None), grad_w
 
 
+@contextlib.contextmanager
+def _nothing():
+    yield
+
+
+def hold_gathered(weight: torch.Tensor, weight_gather: WeightGather) -> contextlib.AbstractContextManager:
+    """Enter `weight_gather()` in a backward pass and keep it open until `weight`'s gradient is accumulated.
+
+    Autograd accumulates a leaf's gradient after the node that produced it has returned, and the accumulation
+    follows the parameter's *current* shape: a ZeRO-3 parameter released at the end of our backward would
+    refuse a full-size gradient. So the gather is released right after the accumulation (a post-accumulate
+    hook), or at the end of the backward pass (an engine callback: `torch.autograd.grad` accumulates nothing).
+    """
+    if weight_gather is None:
+        return _nothing()
+    gathered = weight_gather()
+    gathered.__enter__()
+    state = {"open": True, "hook": None}
+
+    def release(*_):
+        if state["open"]:
+            state["open"] = False
+            if state["hook"] is not None:
+                state["hook"].remove()
+            gathered.__exit__(None, None, None)
+
+    if weight.is_leaf and weight.requires_grad:
+        state["hook"] = weight.register_post_accumulate_grad_hook(release)
+    torch.autograd.Variable._execution_engine.queue_callback(release)
+
+    @contextlib.contextmanager
+    def on_error():
+        try:
+            yield
+        except BaseException:
+            release()
+            raise
+
+    return on_error()
+
+
 class SDPOHeadFunction(torch.autograd.Function):
-    """(h_S, W_S, h_T, W_T, y) → (D, log π_S(y), log π_T(y)); gradients reach h_S and W_S only."""
+    """(h_S, W_S, h_T, W_T, y) → (D, log π_S(y), log π_T(y)); gradients reach h_S and W_S only.
+
+    `weight_gather` (ZeRO-3): a zero-argument callable returning a context manager inside which W_S is
+    materialised. The caller applies this function inside it (so autograd records W_S's full shape); the
+    backward enters it again around every read of W_S (see `hold_gathered`).
+    """
 
     @staticmethod
-    def forward(ctx, h_s, w_s, h_t, w_t, targets, ops: TileOps, opts: HeadOptions):
+    def forward(ctx, h_s, w_s, h_t, w_t, targets, ops: TileOps, opts: HeadOptions, weight_gather: WeightGather):
         student = ops.student_stats(h_s, w_s, targets, opts)
         teacher = ops.teacher_stats(h_t, w_t, targets, opts, student.top_idx)
-        logp_s = student.target_logit - student.lse
-        logp_t = teacher.target_logit - teacher.lse
+        work = epilogue_dtype(h_s.device)
+        out_dtype = student.max.dtype
+        logp_s = student.log_probs(student.target_logit, work).to(out_dtype)
+        logp_t = teacher.log_probs(teacher.target_logit, work).to(out_dtype)
         if opts.topk is None:
-            div, partial = ops.full_divergence(h_s, w_s, h_t, w_t, student.lse, teacher.lse, opts)
+            div, partial = ops.full_divergence(h_s, w_s, h_t, w_t, student, teacher, opts)
             grad_sum = full_divergence_grad_sum(div, partial, opts.alpha)
-            ctx.save_for_backward(h_s, w_s, h_t, w_t, targets, student.lse, teacher.lse, grad_sum)
+            saved = (teacher.max, teacher.log_sum, teacher.target_logit, grad_sum)
+            ctx.save_for_backward(
+                h_s, w_s, h_t, w_t, targets, student.max, student.log_sum, student.target_logit, *saved
+            )
         else:
-            # float64 from here on: 1 − (top-K mass) cancels badly when the top-K holds almost everything
-            work = epilogue_dtype(h_s.device)
-            s_top = student.top_logits.to(work) - student.lse.to(work).unsqueeze(1)
-            t_top = teacher.top_logits.to(work) - teacher.lse.to(work).unsqueeze(1)
-            div, bucket_grad = bucket_divergence_and_grad(s_top, t_top, opts)
-            div, bucket_grad = div.to(student.lse.dtype), bucket_grad.to(student.lse.dtype)
-            ctx.save_for_backward(h_s, w_s, targets, student.lse, student.top_idx, bucket_grad)
-        ctx.ops, ctx.opts = ops, opts
+            terms = bucket_terms(student, teacher, opts)
+            div = terms.div
+            ctx.save_for_backward(
+                h_s, w_s, targets, student.max, student.log_sum, student.target_logit, student.top_idx,
+                terms.written, terms.p_top, terms.dense,
+            )  # fmt: skip
+        ctx.ops, ctx.opts, ctx.weight_gather = ops, opts, weight_gather
         ctx.mark_non_differentiable(logp_t)
         return div, logp_s, logp_t
 
@@ -237,26 +360,46 @@ class SDPOHeadFunction(torch.autograd.Function):
     def backward(ctx, grad_div, grad_logp, _grad_logp_t):
         ops, opts = ctx.ops, ctx.opts
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        saved = ctx.saved_tensors
-        h_s, w_s, targets = saved[0], saved[1], saved[4] if opts.topk is None else saved[2]
-        n = h_s.shape[0]
-        if not (need_dh or need_dw) or n == 0:
-            return (torch.zeros_like(h_s) if need_dh else None, torch.zeros_like(w_s) if need_dw else None, *[None] * 5)
-        acc = accumulation_dtype(h_s)
-        zeros = torch.zeros(n, dtype=acc, device=h_s.device)
-        g_div = zeros if grad_div is None else grad_div.to(acc) * opts.inv_temp
-        g_logp = zeros if grad_logp is None else grad_logp.to(acc) * opts.inv_temp
-        if opts.topk is None:
-            _, _, h_t, w_t, _, lse_s, lse_t, grad_sum = saved
-            spec = GradSpec(
-                h_s, w_s, lse_s, g_div * grad_sum + g_logp, opts.inv_temp, h_t, w_t, lse_t, g_div, opts.alpha
-            )
-            sparse_values, sparse_idx = g_logp.unsqueeze(1), targets.unsqueeze(1)
-        else:
-            _, _, _, lse_s, top_idx, bucket_grad = saved
-            spec = GradSpec(h_s, w_s, lse_s, g_div * bucket_grad.sum(1) + g_logp, opts.inv_temp)
-            sparse_values = torch.cat([g_div.unsqueeze(1) * bucket_grad, g_logp.unsqueeze(1)], dim=1)
-            sparse_idx = torch.cat([top_idx, targets.unsqueeze(1)], dim=1)
-        with torch.autocast(device_type=h_s.device.type, enabled=False):
-            grad_h, grad_w = linear_backward(spec, ops, sparse_values, sparse_idx, need_dh, need_dw, opts.budget_bytes)
-        return grad_h, grad_w, None, None, None, None, None
+        with hold_gathered(ctx.saved_tensors[1], ctx.weight_gather if need_dw or need_dh else None):
+            saved = ctx.saved_tensors
+            h_s, w_s = saved[0], saved[1]
+            n = h_s.shape[0]
+            if not (need_dh or need_dw) or n == 0:
+                zeros = (torch.zeros_like(h_s) if need_dh else None, torch.zeros_like(w_s) if need_dw else None)
+                return (*zeros, *[None] * 6)
+            acc = accumulation_dtype(h_s)
+            zeros = torch.zeros(n, dtype=acc, device=h_s.device)
+            g_div = zeros if grad_div is None else grad_div.to(acc) * opts.inv_temp
+            g_logp = zeros if grad_logp is None else grad_logp.to(acc) * opts.inv_temp
+            spec = _grad_spec(saved, opts, g_div, g_logp)
+            with torch.autocast(device_type=h_s.device.type, enabled=False):
+                grad_h, grad_w = linear_backward(spec, ops, need_dh, need_dw, opts.budget_bytes)
+        return grad_h, grad_w, None, None, None, None, None, None
+
+
+def _grad_spec(saved, opts: HeadOptions, g_div: torch.Tensor, g_logp: torch.Tensor) -> GradSpec:
+    """The backward's per-row terms for the incoming gradients (g_D, g_logp), in float64 on (N, K) tensors."""
+    work = epilogue_dtype(g_div.device)
+    if opts.topk is None:
+        h_s, w_s, h_t, w_t, targets, m_s, log_s, z_y, m_t, log_t, z_ty, grad_sum = saved
+        ls_y = (z_y.to(work) - m_s.to(work)) - log_s.to(work)
+        lt_y = (z_ty.to(work) - m_t.to(work)) - log_t.to(work)
+        coef = g_div.to(work) * grad_sum.to(work) + g_logp.to(work)
+        g_y = full_divergence_grad_at(ls_y, lt_y, opts.alpha)
+        target_val = g_div.to(work) * g_y - coef * torch.exp(ls_y) + g_logp.to(work)
+        return GradSpec(
+            h_s, w_s, m_s, log_s, coef.to(g_div.dtype), opts.inv_temp, targets, target_val.to(g_div.dtype),
+            torch.ones_like(targets, dtype=torch.bool), teacher_h=h_t, teacher_weight=w_t, teacher_max=m_t,
+            teacher_log_sum=log_t, div_grad=g_div, alpha=opts.alpha,
+        )  # fmt: skip
+    h_s, w_s, targets, m_s, log_s, z_y, top_idx, written, p_top, dense = saved
+    gd, gl = g_div.to(work).unsqueeze(1), g_logp.to(work).unsqueeze(1)
+    is_target = top_idx == targets.unsqueeze(1)
+    write_val = gd * written.to(work) - gl * p_top.to(work) + gl * is_target
+    coef = g_div.to(work) * dense.to(work) + g_logp.to(work)
+    p_y = torch.exp((z_y.to(work) - m_s.to(work)) - log_s.to(work))
+    target_val = -coef * p_y + g_logp.to(work)
+    return GradSpec(
+        h_s, w_s, m_s, log_s, coef.to(g_div.dtype), opts.inv_temp, targets, target_val.to(g_div.dtype),
+        ~is_target.any(dim=1), top_idx, write_val.to(g_div.dtype),
+    )  # fmt: skip

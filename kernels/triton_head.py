@@ -1,333 +1,309 @@
-"""Launchers for the Triton SDPO head: `TritonTiles` implements the tile operations of
-`SDPOHeadFunction` (kernels/function.py) with the kernels in `triton_fwd.py` / `triton_bwd.py`.
+"""The Triton backend: cuBLAS logit tiles, fused Triton row kernels (`triton_rows.py`), and the TileOps glue.
 
-Per call, the forward launches one streaming kernel per model (student with its running top-K,
-teacher without), a gather kernel for the teacher at the student's ids, and merges the per-split
-partial results with a few tiny torch ops on (N, splits) and (N, splits·KP) tensors. The backward
-launches the dense-gradient kernel once per (rows × vocabulary) chunk; the caller adds the sparse
-entries and runs the two GEMMs with cuBLAS.
+Per bounded tile (rows × vocabulary columns) cuBLAS computes h @ Wᵀ into an fp32 buffer (bf16/fp16 operands with
+`out_dtype=float32` on CUDA: fp32 accumulation), and one row kernel reads the tile once:
 
-Block sizes are autotuned on CUDA, per device capability (a T4's 64 KiB of shared memory gets its
-own space). Under `TRITON_INTERPRET=1` one small fixed configuration runs on the CPU.
+- student: online max, the tail sum of the entries below the row's threshold τ, the candidates at or above it
+  (atomically compacted into a per-row buffer of packed (logit, id) keys), the target logit, and the maxima of
+  16-column blocks. τ is the K-th largest block maximum of the tiles swept *before* this one, a guaranteed lower
+  bound on the row's K-th largest logit (a max pre-pass over the first tile starts it). After the sweep,
+  `torch.topk` on the candidate buffer alone gives the exact top-K; the losing candidates join the tail sum.
+  A row whose candidates overflow the buffer (adversarial logits) is redone by the torch backend: exact, and
+  checked once per call (one host synchronisation), never per tile.
+- teacher: the logits at the student's K ids are gathered from the tile and replaced by −inf; the logsumexp
+  sweep of what is left is the teacher's tail, summed directly.
+- backward: cuBLAS recomputes the student tile; one kernel turns it into dz (dense −c·p, then the top-K entries
+  and the target's entry written over it), rounded once to the GEMM dtype, and cuBLAS computes dh and dW.
+
+Launch configurations are fixed per kernel (`CONFIGS`, compiled ahead of time for sm_75…sm_90 by
+kernels/compile_report.py); under TRITON_INTERPRET=1 small blocks run on the CPU.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-import os
 
 import torch
 import triton
 
-from .function import GradSpec, HeadOptions, Stats, TileOps
-from .triton_bwd import dense_grad_kernel
-from .triton_fwd import full_divergence_kernel, gather_logits_kernel, stream_stats_kernel
+from .chunked import TorchTiles, decode_keys
+from .constants import TRITON_MAX_TOPK, interpreting
+from .function import GradSpec, HeadOptions, Stats, TileOps, finish_normaliser, logits_into
+from .triton_rows import MODE_LSE, MODE_MAXIMA, MODE_TOPK, full_div_kernel, grad_kernel, mask_kernel, sweep_kernel
 
-# Vocabulary slices are whole multiples of every BLOCK_V in the search space.
-SPLIT_QUANTUM = 256
-MAX_KP = 256  # the running top-K set lives in registers: (BLOCK_M, KP) int64 per program (= TRITON_MAX_TOPK)
+KERNELS = {"sweep": sweep_kernel, "mask": mask_kernel, "grad": grad_kernel, "full": full_div_kernel}
+# Block sizes and warps per kernel on CUDA. Memory-bound row sweeps: 2048 fp32 per iteration (8 KiB), 8 warps.
+CONFIGS = {
+    "sweep": {"BLOCK": 2048, "SUB": 16, "num_warps": 8},
+    "mask": {"num_warps": 4},
+    "grad": {"BLOCK": 2048, "num_warps": 8},
+    "full": {"BLOCK": 2048, "num_warps": 8},
+}
+# The interpreter's cost is per operation, not per element: tiny blocks, so small test shapes span many of them.
+INTERPRETER_CONFIGS = {"sweep": {"BLOCK": 32, "SUB": 4}, "mask": {}, "grad": {"BLOCK": 32}, "full": {"BLOCK": 32}}
+TILE_COLS = 16384  # columns per forward tile on CUDA (bench/topk_sim.py: the threshold's sweet spot)
+INTERPRETER_TILE_COLS = 64
+INT64_MIN = -(2**63)
 
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+def config(kernel: str) -> dict:
+    return dict((INTERPRETER_CONFIGS if interpreting() else CONFIGS)[kernel])
 
 
-def _cfg(block_m, block_v, block_h, warps, stages, **extra):
-    return triton.Config(
-        {"BLOCK_M": block_m, "BLOCK_V": block_v, "BLOCK_H": block_h, **extra}, num_warps=warps, num_stages=stages
-    )
+def launch(kernel: str, grid: tuple[int, ...], *args, **constexprs) -> None:
+    """Run one row kernel with its fixed configuration (the interpreter takes no `num_warps`)."""
+    meta = {**config(kernel), **constexprs}
+    if interpreting():
+        meta.pop("num_warps", None)
+    KERNELS[kernel][grid](*args, **meta)
 
 
-def autotune_space(kernel: str, capability: tuple[int, int]) -> list[triton.Config]:
-    """The autotune configurations of `kernel` on a GPU of compute capability `capability`.
+def forward_plan(n: int, vocab: int, budget_bytes: int) -> tuple[int, int]:
+    """Rows × columns of a forward fp32 tile: the whole (N, V) when it fits the budget, else TILE_COLS wide."""
+    elements = max(budget_bytes // 4, 1024)
+    if n * vocab <= elements:
+        return max(n, 1), vocab
+    cols = min(vocab, INTERPRETER_TILE_COLS if interpreting() else TILE_COLS)
+    return max(1, min(n, elements // cols)), cols
 
-    Each fits that architecture's shared memory in bf16/fp16 (checked ahead of time for sm_75…sm_90
-    by tests/test_triton_compile.py). Turing (sm_75, T4: 64 KiB) gets fewer pipeline stages.
+
+def split_plan(rows: int, cols: int, block: int, device: torch.device) -> tuple[int, int]:
+    """(column splits per tile row, columns per split): enough programs to fill the GPU when rows are few."""
+    target = 2 if interpreting() else 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    splits = max(1, min(triton.cdiv(cols, block), triton.cdiv(target, rows)))
+    per_split = triton.cdiv(triton.cdiv(cols, splits), block) * block
+    return triton.cdiv(cols, per_split), per_split
+
+
+def candidate_capacity(k: int, vocab: int) -> int:
+    """Candidate slots per row: bench/topk_sim.py counts at most ~4.5·K on i.i.d. logits (K=100: 455 of 1024).
+
+    At most an eighth of a small vocabulary (but never fewer than K): the int64 buffer stays (N, O(K)), a
+    quarter of an (N, V) fp32 tensor at most.
     """
-    # Keep the fp32 accumulator tile at ≤ 64 registers per thread (BLOCK_M·BLOCK_V ≤ 2048·warps):
-    # larger tiles spill on every architecture. Turing (sm_75: 64 KiB shared memory) gets 2 stages.
-    stages = 2 if capability < (8, 0) else 3
-    if kernel == "stats":
-        return [_cfg(32, 128, 64, 4, 2), _cfg(64, 128, 32, 8, stages), _cfg(32, 256, 32, 8, 2)]
-    if kernel == "full":
-        return [_cfg(32, 128, 32, 4, 2), _cfg(64, 128, 32, 8, stages)]
-    if kernel == "grad":
-        return [_cfg(64, 128, 32, 4, stages), _cfg(128, 128, 32, 8, stages), _cfg(64, 256, 32, 8, 2)]
-    if kernel == "gather":
-        return [
-            triton.Config({"BLOCK_K": 32, "BLOCK_H": 128}, num_warps=4, num_stages=2),
-            triton.Config({"BLOCK_K": 64, "BLOCK_H": 64}, num_warps=4, num_stages=2),
-        ]
-    raise KeyError(kernel)
+    return min(128 * triton.cdiv(4 * k + 512, 128), max(k, vocab // 8))
 
 
-# One fixed configuration for the CPU interpreter (tl.dot needs blocks of at least 16).
-# Wide vocabulary blocks: the interpreter's cost is per operation, not per element.
-_INTERPRETER = {
-    "stats": {"BLOCK_M": 16, "BLOCK_V": 128, "BLOCK_H": 64},
-    "full": {"BLOCK_M": 16, "BLOCK_V": 128, "BLOCK_H": 64},
-    "grad": {"BLOCK_M": 16, "BLOCK_V": 128, "BLOCK_H": 64},
-    "gather": {"BLOCK_K": 16, "BLOCK_H": 64},
-}
-_KERNELS = {
-    "stats": stream_stats_kernel,
-    "full": full_divergence_kernel,
-    "grad": dense_grad_kernel,
-    "gather": gather_logits_kernel,
-}
-_KEYS = {
-    "stats": ["n_bucket", "vocab", "hidden", "KP", "DO_TOPK"],
-    "full": ["n_bucket", "vocab", "hidden_s", "hidden_t", "ALPHA_MODE"],
-    "grad": ["n_bucket", "chunk_cols", "hidden_s", "hidden_t", "FULL"],
-    "gather": ["k", "hidden"],
-}
-
-
-@functools.cache
-def _autotuned(kernel: str, capability: tuple[int, int]):
-    return triton.autotune(configs=autotune_space(kernel, capability), key=_KEYS[kernel])(_KERNELS[kernel])
-
-
-def launch(kernel: str, grid, *args, **kwargs) -> None:
-    """Run `kernel` autotuned on CUDA, or with the fixed interpreter configuration on the CPU."""
-    if interpreting():
-        meta = dict(_INTERPRETER[kernel])
-        _KERNELS[kernel][grid(meta)](*args, **kwargs, **meta)
-        return
-    capability = torch.cuda.get_device_capability(args[0].device)
-    _autotuned(kernel, capability)[grid](*args, **kwargs)
-
-
-def _precision(dtype: torch.dtype) -> str:
-    """fp32 inputs: IEEE products unless PyTorch itself allows TF32 matmuls. Half inputs: tensor cores."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
-
-
-def _bucket(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
-
-
-def _splits(n_rows: int, vocab: int, device: torch.device) -> tuple[int, int]:
-    """Vocabulary splits: enough programs to fill the GPU when there are few rows."""
-    if interpreting():
-        target_programs = 4
-    else:
-        target_programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    row_blocks = max(math.ceil(n_rows / 64), 1)
-    max_splits = math.ceil(vocab / SPLIT_QUANTUM)
-    splits = max(1, min(max_splits, math.ceil(target_programs / row_blocks)))
-    cols = math.ceil(math.ceil(vocab / splits) / SPLIT_QUANTUM) * SPLIT_QUANTUM
-    return math.ceil(vocab / cols), cols
-
-
-def decode_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse of `_pack_keys`: int64 keys → (fp32 logits, int64 vocabulary ids)."""
-    high = keys >> 32
-    bits = (high ^ ((high >> 31) & 0x7FFFFFFF)).to(torch.int32)
-    return bits.view(torch.float32), 0x7FFFFFFF - (keys & 0xFFFFFFFF)
-
-
-def _same_dtype(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _operands(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if h.dtype == torch.float64 or weight.dtype == torch.float64:
         raise TypeError("The Triton SDPO head computes in fp32/bf16/fp16; use backend='torch' for float64 inputs.")
     return h if h.dtype == weight.dtype else h.to(weight.dtype)
 
 
-def _interpretable(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The CPU interpreter runs on numpy, which has no bfloat16: it sees bf16 tensors as fp32 copies.
+def _alpha_args(alpha: float) -> tuple[float, float, float, int]:
+    """α, log(1 − α), log α (0 at the ends, where they are unused) and the kernels' ALPHA_MODE."""
+    if alpha in (0.0, 1.0):
+        return alpha, 0.0, 0.0, int(alpha)
+    return alpha, math.log1p(-alpha), math.log(alpha), 2
 
-    (Real GPUs run the bf16 kernels; they are compiled ahead of time for sm_80–sm_90 in the tests.)
-    """
-    if not interpreting():
-        return tensors
-    return tuple(t.float() if t.dtype == torch.bfloat16 else t for t in tensors)
+
+def _merge_splits(run_max: torch.Tensor, run_sum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One (max, Σ exp(z − max)) per row from the per-split partials (a split may have seen nothing: −inf)."""
+    row_max = run_max.amax(dim=1)
+    shift = torch.where(row_max == -math.inf, 0.0, row_max)
+    return row_max, (run_sum * torch.exp(run_max - shift.unsqueeze(1))).sum(dim=1)
 
 
 class TritonTiles(TileOps):
-    """Tile operations for `SDPOHeadFunction` as fused Triton kernels."""
+    """Tile operations for `SDPOHeadFunction`: cuBLAS tiles and Triton row kernels."""
 
     name = "triton"
-    tile_bytes_per_element = 6  # only the dense-gradient chunk is materialised: fp32, plus its half copy on CUDA
+    tile_bytes_per_element = 10  # backward: the fp32 student tile, a teacher tile (full vocabulary), the half dz
+    capacity = staticmethod(candidate_capacity)  # tests shrink it to force the overflow fallback
 
-    def _stream(self, h, weight, targets, opts: HeadOptions, topk: int | None) -> Stats:
-        h, weight = _interpretable(_same_dtype(h, weight), weight)
-        n, hidden = h.shape
-        vocab = weight.shape[0]
-        kp = 1 << (topk - 1).bit_length() if topk else 1
-        if kp > MAX_KP:
-            raise ValueError(f"The Triton head supports topk ≤ {MAX_KP}, got {topk}. Use backend='torch' for larger K.")
-        dev = h.device
+    # ------------------------------------------------------------------ forward
+
+    def student_stats(self, h, weight, targets, opts: HeadOptions) -> Stats:
+        if not opts.topk:
+            return self._lse_sweep(h, weight, targets, opts, None)
+        k = opts.topk
+        if k > TRITON_MAX_TOPK:
+            raise ValueError(f"The Triton head supports topk ≤ {TRITON_MAX_TOPK}, got {k}. Use backend='torch'.")
+        h = _operands(h, weight)
+        n, vocab, dev = h.shape[0], weight.shape[0], h.device
         if n == 0:
             empty = torch.empty(0, device=dev)
-            idx = torch.empty(0, topk or 0, dtype=torch.int64, device=dev)
-            return Stats(empty, empty, empty.view(0, topk or 0) if topk else None, idx if topk else None)
-        splits, cols_per_split = _splits(n, vocab, dev)
-        run_max = torch.empty(n, splits, dtype=torch.float32, device=dev)
-        run_sum = torch.empty_like(run_max)
-        target = torch.zeros(n, dtype=torch.float32, device=dev)
-        keys = (
-            torch.empty(n, splits, kp, dtype=torch.int64, device=dev)
-            if topk
-            else torch.empty(1, dtype=torch.int64, device=dev)
-        )
-        launch(
-            "stats",
-            lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), splits),
-            h,
-            weight,
-            targets,
-            run_max,
-            run_sum,
-            target,
-            keys,
-            n,
-            vocab,
-            hidden,
-            cols_per_split,
-            splits,
-            h.stride(0),
-            h.stride(1),
-            weight.stride(0),
-            weight.stride(1),
-            opts.inv_temp,
-            _bucket(n),
-            topk or 1,
-            KP=kp,
-            DO_TOPK=bool(topk),
-            PRECISION=_precision(h.dtype),
-        )
-        # Merge the per-split partials: a logsumexp over splits, and the top-K of splits·KP candidates.
-        top = run_max.max(dim=1).values
-        lse = top + torch.log((run_sum * torch.exp(run_max - top.unsqueeze(1))).sum(dim=1))
-        if not topk:
-            return Stats(lse, target)
-        best = torch.topk(keys.view(n, splits * kp), topk, dim=1).values
-        values, ids = decode_keys(best)
-        return Stats(lse, target, values, ids)
+            return Stats(empty, empty, empty, empty.view(0, k), torch.empty(0, k, dtype=torch.int64, device=dev), empty)
+        rows, cols = forward_plan(n, vocab, opts.budget_bytes)
+        cfg = config("sweep")
+        splits, per_split = split_plan(rows, cols, cfg["BLOCK"], dev)
+        cap = self.capacity(k, vocab)
+        run_max = torch.full((n, splits), -math.inf, device=dev)
+        run_sum = torch.zeros(n, splits, device=dev)
+        target = torch.zeros(n, device=dev)
+        tau = torch.full((n,), -math.inf, device=dev)
+        count = torch.zeros(n, dtype=torch.int32, device=dev)
+        keys = torch.full((n, cap), INT64_MIN, dtype=torch.int64, device=dev)
+        buffer = torch.empty(rows * cols, device=dev)
+        block_max = torch.empty(rows, triton.cdiv(cols, cfg["SUB"]), device=dev)
+        for r0 in range(0, n, rows):
+            r1 = min(n, r0 + rows)
+            best_maxima = torch.full((r1 - r0, k), -math.inf, device=dev)  # the K largest block maxima so far
+            starts = list(range(0, vocab, cols))
+            for t, v0 in enumerate(starts):
+                width = min(vocab, v0 + cols) - v0
+                tile = logits_into(buffer[: (r1 - r0) * width].view(r1 - r0, width), h[r0:r1], weight[v0 : v0 + width])
+                args = (
+                    tile, width, width, v0, r0, opts.inv_temp, targets, target, run_max, run_sum, splits, per_split,
+                    tau, block_max, block_max.stride(0), count, keys, cap,
+                )  # fmt: skip
+                nb = triton.cdiv(width, cfg["SUB"])
+                if t == 0:  # the first tile is swept twice: its block maxima first, so that τ is finite
+                    launch("sweep", (r1 - r0, splits), *args, MODE=MODE_MAXIMA)
+                    best_maxima = self._raise_threshold(best_maxima, block_max[: r1 - r0, :nb], tau[r0:r1])
+                launch("sweep", (r1 - r0, splits), *args, MODE=MODE_TOPK)
+                if 0 < t < len(starts) - 1:
+                    best_maxima = self._raise_threshold(best_maxima, block_max[: r1 - r0, :nb], tau[r0:r1])
+        stats = self._finish_topk(run_max, run_sum, target, count, keys, k)
+        overflow = count > cap
+        if bool(overflow.any()):  # the one host synchronisation of a call
+            redo_rows = overflow.nonzero().squeeze(1)
+            redo = TorchTiles().student_stats(h[redo_rows], weight, targets[redo_rows], opts)
+            for full, part in zip(stats, redo):
+                full[redo_rows] = part.to(full.dtype)
+        return stats
 
-    def gather(self, h, weight, idx, opts: HeadOptions) -> torch.Tensor:
-        h, weight = _interpretable(_same_dtype(h, weight), weight)
-        n, k = idx.shape
-        out = torch.empty(n, k, dtype=torch.float32, device=h.device)
-        if n == 0:
-            return out
-        idx = idx.contiguous()
-        launch(
-            "gather",
-            lambda meta: (n, triton.cdiv(k, meta["BLOCK_K"])),
-            h,
-            weight,
-            idx,
-            out,
-            h.shape[1],
-            k,
-            h.stride(0),
-            h.stride(1),
-            weight.stride(0),
-            weight.stride(1),
-            opts.inv_temp,
-        )
-        return out
+    @staticmethod
+    def _raise_threshold(best: torch.Tensor, new: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        """Merge a tile's block maxima into the K largest so far; τ ← the K-th of them (−inf while fewer)."""
+        best = torch.topk(torch.cat([best, new], dim=1), best.shape[1], dim=1).values
+        tau.copy_(best[:, -1])
+        return best
 
-    def full_divergence(self, h_s, w_s, h_t, w_t, lse_s, lse_t, opts: HeadOptions):
-        h_s, w_s, h_t, w_t = _interpretable(_same_dtype(h_s, w_s), w_s, _same_dtype(h_t, w_t), w_t)
-        n, vocab = h_s.shape[0], w_s.shape[0]
+    @staticmethod
+    def _finish_topk(run_max, run_sum, target, count, keys, k, chunk: int = 8192) -> Stats:
+        """The top-K from the candidate buffer, and the losing candidates added to the tail sum."""
+        row_max, tail = _merge_splits(run_max, run_sum)
+        n, cap = keys.shape
+        top_vals = torch.empty(n, k, device=keys.device)
+        top_idx = torch.empty(n, k, dtype=torch.int64, device=keys.device)
+        slots = torch.arange(cap, device=keys.device)
+        for r0 in range(0, n, chunk):
+            rows = slice(r0, min(n, r0 + chunk))
+            best, pos = torch.topk(keys[rows], k, dim=1)
+            top_vals[rows], top_idx[rows] = decode_keys(best)
+            lost = (slots < count[rows].unsqueeze(1)).scatter_(1, pos, False)
+            values = decode_keys(keys[rows])[0]
+            tail[rows] += torch.where(lost, torch.exp(values - row_max[rows].unsqueeze(1)), 0.0).sum(dim=1)
+        row_max, log_sum, log_tail = finish_normaliser(row_max, tail, top_vals)
+        return Stats(row_max, log_sum, target, top_vals, top_idx, log_tail)
+
+    def teacher_stats(self, h, weight, targets, opts: HeadOptions, top_idx) -> Stats:
+        return self._lse_sweep(h, weight, targets, opts, top_idx)
+
+    def _lse_sweep(self, h, weight, targets, opts: HeadOptions, top_idx) -> Stats:
+        """Online logsumexp and target logit; with `top_idx`, the logits there and the sum of all the others."""
+        h = _operands(h, weight)
+        n, vocab, dev = h.shape[0], weight.shape[0], h.device
+        k = 0 if top_idx is None else top_idx.shape[1]
         if n == 0:
-            empty = torch.zeros(0, dtype=torch.float32, device=h_s.device)
+            empty = torch.empty(0, device=dev)
+            if top_idx is None:
+                return Stats(empty, empty, empty)
+            return Stats(empty, empty, empty, empty.view(0, k), top_idx, empty)
+        rows, cols = forward_plan(n, vocab, opts.budget_bytes)
+        splits, per_split = split_plan(rows, cols, config("sweep")["BLOCK"], dev)
+        run_max = torch.full((n, splits), -math.inf, device=dev)
+        run_sum = torch.zeros(n, splits, device=dev)
+        target = torch.zeros(n, device=dev)
+        top = None if top_idx is None else torch.zeros(n, k, device=dev)
+        ids = None if top_idx is None else top_idx.contiguous()
+        buffer = torch.empty(rows * cols, device=dev)
+        dummy = torch.empty(1, device=dev)
+        for r0 in range(0, n, rows):
+            r1 = min(n, r0 + rows)
+            for v0 in range(0, vocab, cols):
+                width = min(vocab, v0 + cols) - v0
+                tile = logits_into(buffer[: (r1 - r0) * width].view(r1 - r0, width), h[r0:r1], weight[v0 : v0 + width])
+                if top is not None:  # gathers the teacher's logits at the student's ids and the target logit
+                    launch(
+                        "mask", (r1 - r0,), tile, width, width, v0, r0, opts.inv_temp, ids, top, k, targets, target,
+                        KB=_pow2(k),
+                    )  # fmt: skip
+                launch(
+                    "sweep", (r1 - r0, splits), tile, width, width, v0, r0, opts.inv_temp, targets, target, run_max,
+                    run_sum, splits, per_split, dummy, dummy, 0, dummy, dummy, 0, MODE=MODE_LSE, TARGET=top is None,
+                )  # fmt: skip
+        row_max, total = _merge_splits(run_max, run_sum)
+        if top is None:
+            return Stats(row_max, torch.log(total), target)
+        row_max, log_sum, log_tail = finish_normaliser(row_max, total, top)
+        return Stats(row_max, log_sum, target, top, top_idx, log_tail)
+
+    def full_divergence(self, h_s, w_s, h_t, w_t, student: Stats, teacher: Stats, opts: HeadOptions):
+        h_s, h_t = _operands(h_s, w_s), _operands(h_t, w_t)
+        n, vocab, dev = h_s.shape[0], w_s.shape[0], h_s.device
+        if n == 0:
+            empty = torch.zeros(0, device=dev)
             return empty, empty
-        splits, cols_per_split = _splits(n, vocab, h_s.device)
-        div = torch.empty(n, splits, dtype=torch.float32, device=h_s.device)
-        part = torch.empty_like(div)
-        if n:
-            launch(
-                "full",
-                lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), splits),
-                h_s,
-                w_s,
-                h_t,
-                w_t,
-                lse_s.contiguous(),
-                lse_t.contiguous(),
-                div,
-                part,
-                n,
-                vocab,
-                h_s.shape[1],
-                h_t.shape[1],
-                cols_per_split,
-                splits,
-                h_s.stride(0),
-                h_s.stride(1),
-                w_s.stride(0),
-                w_s.stride(1),
-                h_t.stride(0),
-                h_t.stride(1),
-                w_t.stride(0),
-                w_t.stride(1),
-                opts.inv_temp,
-                *_alpha_args(opts.alpha),
-                _bucket(n),
-                ALPHA_MODE=_alpha_mode(opts.alpha),
-                PRECISION=_precision(h_s.dtype),
-            )
+        rows, cols = forward_plan(n, vocab, opts.budget_bytes // 2)  # a student and a teacher tile
+        splits, per_split = split_plan(rows, cols, config("full")["BLOCK"], dev)
+        div = torch.zeros(n, splits, device=dev)
+        part = torch.zeros(n, splits, device=dev)
+        s_buf, t_buf = torch.empty(rows * cols, device=dev), torch.empty(rows * cols, device=dev)
+        alpha, log_1ma, log_a, mode = _alpha_args(opts.alpha)
+        normalisers = (student.max, student.log_sum, teacher.max, teacher.log_sum)
+        for r0 in range(0, n, rows):
+            r1 = min(n, r0 + rows)
+            for v0 in range(0, vocab, cols):
+                width = min(vocab, v0 + cols) - v0
+                zs = logits_into(s_buf[: (r1 - r0) * width].view(r1 - r0, width), h_s[r0:r1], w_s[v0 : v0 + width])
+                zt = logits_into(t_buf[: (r1 - r0) * width].view(r1 - r0, width), h_t[r0:r1], w_t[v0 : v0 + width])
+                launch(
+                    "full", (r1 - r0, splits), zs, width, zt, width, width, r0, opts.inv_temp, *normalisers, div, part,
+                    splits, per_split, alpha, log_1ma, log_a, ALPHA_MODE=mode,
+                )  # fmt: skip
         return div.sum(dim=1), part.sum(dim=1)
 
-    def dense_grad(self, spec: GradSpec, rows: slice, v0: int, v1: int, out: torch.Tensor) -> None:
-        n_rows, chunk = out.shape
+    # ------------------------------------------------------------------ backward
+
+    def grad_tile(self, spec: GradSpec, rows: slice, v0: int, v1: int, scratch: torch.Tensor) -> torch.Tensor:
+        h = _operands(spec.h, spec.weight)
+        m, width = rows.stop - rows.start, v1 - v0
         full = spec.teacher_h is not None
-        h, weight = _interpretable(_same_dtype(spec.h, spec.weight)[rows], spec.weight)
-        h_t, w_t = (
-            _interpretable(_same_dtype(spec.teacher_h, spec.teacher_weight)[rows], spec.teacher_weight)
-            if full
-            else (h, weight)
-        )
-        lse_t = spec.teacher_lse[rows] if full else spec.lse[rows]
-        g_div = spec.div_grad[rows] if full else spec.coef[rows]
+        floats = scratch[: (2 * m * width + 2) * 4].view(torch.float32)
+        tile = logits_into(floats[: m * width].view(m, width), h[rows], spec.weight[v0:v1])
+        zt = tile  # unused unless full
+        if full:
+            h_t = _operands(spec.teacher_h, spec.teacher_weight)
+            zt = logits_into(floats[m * width : 2 * m * width].view(m, width), h_t[rows], spec.teacher_weight[v0:v1])
+        if spec.h.is_cuda and spec.weight.dtype in (torch.bfloat16, torch.float16):
+            offset = 8 * m * width  # after both fp32 tiles: bytes, even
+            out = scratch[offset : offset + 2 * m * width].view(spec.weight.dtype).view(m, width)
+        else:
+            out = tile  # fp32 GEMMs: dz overwrites the logits it came from
+        prep = self._prepare(spec)
+        alpha, log_1ma, log_a, mode = _alpha_args(spec.alpha)
+        splits, per_split = split_plan(m, width, config("grad")["BLOCK"], spec.h.device)
         launch(
-            "grad",
-            lambda meta: (triton.cdiv(n_rows, meta["BLOCK_M"]), triton.cdiv(chunk, meta["BLOCK_V"])),
-            h,
-            weight,
-            spec.lse[rows].contiguous(),
-            spec.coef[rows].contiguous(),
-            out,
-            h_t,
-            w_t,
-            lse_t.contiguous(),
-            g_div.contiguous(),
-            n_rows,
-            v0,
-            chunk,
-            weight.shape[0],
-            h.shape[1],
-            h_t.shape[1],
-            h.stride(0),
-            h.stride(1),
-            weight.stride(0),
-            weight.stride(1),
-            h_t.stride(0),
-            h_t.stride(1),
-            w_t.stride(0),
-            w_t.stride(1),
-            out.stride(0),
-            spec.inv_temp,
-            *_alpha_args(spec.alpha),
-            _bucket(n_rows),
-            FULL=full,
-            ALPHA_MODE=_alpha_mode(spec.alpha),
-            PRECISION=_precision(h.dtype),
-        )
+            "grad", (m, splits), tile, width, out, width, zt, width, width, v0, rows.start, spec.inv_temp,
+            spec.max, spec.log_sum, prep["coef"], prep["t_max"], prep["t_log_sum"], prep["g_div"], alpha, log_1ma,
+            log_a, prep["ids"], prep["vals"], prep["k"], prep["y"], prep["y_val"], splits, per_split, FULL=full,
+            ALPHA_MODE=mode, WRITES=prep["k"] > 0, KB=_pow2(prep["k"]),
+        )  # fmt: skip
+        return out
+
+    @staticmethod
+    def _prepare(spec: GradSpec) -> dict:
+        """The kernel's per-row arguments, made once per backward (cached on the spec)."""
+        prep = getattr(spec, "_triton", None)
+        if prep is None:
+            dummy = spec.coef
+            k = 0 if spec.write_idx is None else spec.write_idx.shape[1]
+            prep = {
+                "coef": spec.coef.float().contiguous(),
+                "t_max": dummy if spec.teacher_max is None else spec.teacher_max.contiguous(),
+                "t_log_sum": dummy if spec.teacher_log_sum is None else spec.teacher_log_sum.contiguous(),
+                "g_div": dummy if spec.div_grad is None else spec.div_grad.float().contiguous(),
+                "ids": spec.targets if k == 0 else spec.write_idx.contiguous(),
+                "vals": dummy if k == 0 else spec.write_val.float().contiguous(),
+                "k": k,
+                "y": torch.where(spec.target_write, spec.targets, -1),  # −1: the target is among the written K
+                "y_val": spec.target_val.float().contiguous(),
+            }
+            spec._triton = prep
+        return prep
 
 
-def _alpha_mode(alpha: float) -> int:
-    return 0 if alpha == 0.0 else 1 if alpha == 1.0 else 2
-
-
-def _alpha_args(alpha: float) -> tuple[float, float, float]:
-    """α, log(1 − α), log α; the logs are unused (and set to 0) at the ends."""
-    if alpha in (0.0, 1.0):
-        return alpha, 0.0, 0.0
-    return alpha, math.log1p(-alpha), math.log(alpha)
+def _pow2(k: int) -> int:
+    return 1 << max(k - 1, 0).bit_length()

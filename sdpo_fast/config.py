@@ -14,10 +14,11 @@ import string
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from .kernels.constants import BACKENDS
+
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 TEACHER_REGULARIZATIONS = ("ema", "trust-region")
 REPROMPT_TRUNCATIONS = ("middle", "left", "right", "error")
-BACKENDS = ("auto", "triton", "torch", "naive")
 TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
 RESUME_TEACHER_FROM = ("checkpoint", "student", "initial")
 

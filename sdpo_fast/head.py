@@ -8,26 +8,27 @@
 Logits are hidden @ weightᵀ / temperature. The top-K comes from the student only; the teacher is
 gathered at those ids with its own full-vocabulary normaliser. Backends:
 
-- `naive`:  full (N, V) logits in PyTorch; the oracle and benchmark baseline.
-- `torch`:  chunked PyTorch (`sdpo_fast.kernels.chunked`), scratch bounded by `memory_budget_mb`.
-- `triton`: fused Triton kernels (`sdpo_fast.kernels.triton_*`); CUDA, or the Triton interpreter.
-- `auto`:   `triton` on CUDA when Triton is available and compiles `tl.dot` to tensor cores there
-            (sm_80+; before sm_80 only Triton ≤ 3.2 does), `torch` elsewhere.
+- `naive`:  full (N, V) logits in PyTorch; the readable baseline and a second oracle.
+- `torch`:  chunked PyTorch (`sdpo_fast.kernels.chunked`), scratch bounded by `memory_budget_mb`. The CPU path.
+- `triton`: cuBLAS logit tiles plus fused Triton row kernels (`sdpo_fast.kernels.triton_head`); CUDA, or the
+            Triton interpreter. No `tl.dot`: it runs on every GPU Triton supports, T4 included.
+- `auto`:   by `AUTO_TABLE` (sdpo_fast.kernels.constants) on CUDA (`triton` from sm_75, predicted), `torch`
+            elsewhere, and `torch` above K = TRITON_MAX_TOPK.
 """
 
 from __future__ import annotations
 
-import os
-import re
+import contextlib
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 
+from .kernels.constants import BACKENDS, TRITON_MAX_TOPK, auto_backend, interpreting
 from .kernels.function import HeadOptions, SDPOHeadFunction
 from .kernels.naive import naive_head
 
-BACKENDS = ("auto", "triton", "torch", "naive")
-TRITON_MAX_TOPK = 256
+__all__ = ["BACKENDS", "TRITON_MAX_TOPK", "SDPOHeadOutput", "resolve_backend", "sdpo_head"]
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
@@ -45,44 +46,29 @@ def triton_available() -> bool:
     return True
 
 
-def triton_has_tensor_cores(capability: tuple[int, int], triton_version: str | None = None) -> bool:
-    """Whether Triton's `tl.dot` runs on tensor cores on a GPU of this compute capability.
-
-    Triton 3.3 dropped tensor-core code generation before Ampere (triton-lang/triton#5066): on a T4
-    (sm_75) every `tl.dot` becomes CUDA-core FMAs, about 8× below cuBLAS's fp16 tensor cores, which
-    the torch backend's chunk GEMMs use. `tests/test_triton_compile.py` checks this in the PTX.
-    """
-    if capability >= (8, 0):
-        return True
-    if triton_version is None:
-        import triton
-
-        triton_version = triton.__version__
-    release = re.match(r"(\d+)\.(\d+)", triton_version)
-    return release is not None and (int(release[1]), int(release[2])) < (3, 3)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def resolve_backend(backend: str, device: torch.device, topk: int | None = None) -> str:
-    """The concrete backend `auto` stands for on `device` at this K, or a clear error for an impossible choice."""
+def resolve_backend(backend: str, device: torch.device, topk: int | None = None, n_tokens: int | None = None) -> str:
+    """The concrete backend `auto` stands for on `device` at this K (and N), or a clear error for an impossible
+    choice. `auto` on CUDA follows `AUTO_TABLE` (predicted until measured on each GPU)."""
     if backend not in BACKENDS:
         raise ValueError(f"Unknown backend={backend!r}. Choose one of {', '.join(map(repr, BACKENDS))}.")
     if backend == "auto":
         if device.type != "cuda" or not triton_available():
             return "torch"
         if topk is not None and topk > TRITON_MAX_TOPK:
-            return "torch"  # the Triton kernels keep the running top-K in registers: K ≤ 256
-        return "triton" if triton_has_tensor_cores(torch.cuda.get_device_capability(device)) else "torch"
+            return "torch"  # the Triton head keeps a candidate buffer of a few K per row
+        return auto_backend(torch.cuda.get_device_capability(device), n_tokens)
     if backend == "triton":
         if not triton_available():
             raise RuntimeError("backend='triton' needs the `triton` package (Linux). Use backend='torch' elsewhere.")
-        if device.type != "cuda" and not _interpreting():
+        if device.type != "cuda" and not interpreting():
             raise RuntimeError(
                 f"backend='triton' needs CUDA tensors, got device {device}. Use backend='torch' (or 'auto') on "
                 "the CPU; set TRITON_INTERPRET=1 before importing sdpo_fast to run the kernels in the interpreter."
+            )
+        if topk is not None and topk > TRITON_MAX_TOPK:
+            raise ValueError(
+                f"backend='triton' supports topk ≤ {TRITON_MAX_TOPK}, got {topk}. Use backend='torch' (or 'auto', "
+                "which picks it) for larger K."
             )
     return backend
 
@@ -158,6 +144,7 @@ def sdpo_head(
     temperature: float = 1.0,
     backend: str = "auto",
     memory_budget_mb: float = 256,
+    weight_gather: Callable[[], contextlib.AbstractContextManager] | None = None,
 ) -> SDPOHeadOutput:
     """Per-token SDPO divergence and sampled-token log-probs, without full-vocabulary logits.
 
@@ -173,36 +160,55 @@ def sdpo_head(
         temperature: logits are divided by it on both sides.
         backend: `auto`, `triton`, `torch` or `naive`.
         memory_budget_mb: scratch budget of the chunked paths.
+        weight_gather: ZeRO-3 and similar: a zero-argument callable returning a context manager inside which
+            `student_weight` is materialised (e.g. `lambda: deepspeed.zero.GatheredParameters([w])`). The head
+            enters it around every read of the weight, in the forward and again in the backward (where it stays
+            open until the weight's gradient has been accumulated). Outside it the weight may be a placeholder.
 
     Returns:
         `SDPOHeadOutput(divergence, student_logprob, teacher_logprob)`, each (N,) in fp32 (fp64 for
         fp64 inputs). Gradients flow to `student_hidden` and `student_weight` only.
     """
-    _validate(student_hidden, student_weight, teacher_hidden, teacher_weight, target_ids, topk, alpha, temperature)
-    backend = resolve_backend(backend, student_hidden.device, topk)
-    targets = target_ids.long()
-    teacher_hidden, teacher_weight = teacher_hidden.detach(), teacher_weight.detach()
-    inv_temp = 1.0 / float(temperature)
-    if backend == "naive":
+    gather = weight_gather if weight_gather is not None else contextlib.nullcontext
+    with gather():
+        _validate(student_hidden, student_weight, teacher_hidden, teacher_weight, target_ids, topk, alpha, temperature)
+        backend = resolve_backend(backend, student_hidden.device, topk, student_hidden.shape[0])
+        targets = target_ids.long()
+        teacher_hidden, teacher_weight = teacher_hidden.detach(), teacher_weight.detach()
+        inv_temp = 1.0 / float(temperature)
+        # fp32 accumulation is the contract: an enclosing autocast (the trainer runs the head inside the model's
+        # forward, under `accelerator.autocast()`) must not round the tile matmuls or the teacher gather to bf16.
         with torch.autocast(device_type=student_hidden.device.type, enabled=False):
-            return SDPOHeadOutput(
-                *naive_head(
-                    student_hidden,
-                    student_weight,
-                    teacher_hidden,
-                    teacher_weight,
-                    targets,
-                    topk=topk,
-                    add_tail=add_tail,
-                    alpha=float(alpha),
-                    inv_temp=inv_temp,
-                )
-            )
-    opts = HeadOptions(topk, bool(add_tail), float(alpha), inv_temp, int(memory_budget_mb * 2**20))
-    # fp32 accumulation is the contract: an enclosing autocast (the trainer runs the head inside the model's
-    # forward, under `accelerator.autocast()`) must not round the tile matmuls or the teacher gather to bf16.
-    with torch.autocast(device_type=student_hidden.device.type, enabled=False):
-        out = SDPOHeadFunction.apply(
-            student_hidden, student_weight, teacher_hidden, teacher_weight, targets, _tile_ops(backend), opts
-        )
+            if backend == "naive":
+                weight = student_weight if weight_gather is None else _Materialised.apply(student_weight, weight_gather)
+                out = naive_head(
+                    student_hidden, weight, teacher_hidden, teacher_weight, targets, topk=topk, add_tail=add_tail,
+                    alpha=float(alpha), inv_temp=inv_temp,
+                )  # fmt: skip
+                return SDPOHeadOutput(*out)
+            opts = HeadOptions(topk, bool(add_tail), float(alpha), inv_temp, int(memory_budget_mb * 2**20))
+            out = SDPOHeadFunction.apply(
+                student_hidden, student_weight, teacher_hidden, teacher_weight, targets, _tile_ops(backend), opts,
+                weight_gather,
+            )  # fmt: skip
     return SDPOHeadOutput(*out)
+
+
+class _Materialised(torch.autograd.Function):
+    """For the naive backend under `weight_gather`: a copy of the gathered weight that autograd can keep.
+
+    Its backward enters the gather again until the gradient is accumulated into the (partitioned) weight.
+    """
+
+    @staticmethod
+    def forward(ctx, weight, weight_gather):
+        ctx.weight_gather = weight_gather
+        ctx.save_for_backward(weight)
+        return weight.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        from .kernels.function import hold_gathered
+
+        with hold_gathered(ctx.saved_tensors[0], ctx.weight_gather):
+            return grad, None

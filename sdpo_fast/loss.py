@@ -7,8 +7,8 @@ Data flow, per response token t of sample i:
                               ──► × detached IS ratio min(π_S/π_old, is_clip) × rollout weights
                               ──► masked aggregation (four modes)
 
-The bucket and divergence helpers are shared with the fused head (`sdpo_fast.head`), which feeds
-them (N, K) tensors it computed without ever building (N, V) logits.
+The bucket and divergence helpers live in `sdpo_fast.kernels.buckets` (re-exported here), shared with the
+fused head, which feeds them (N, K) tensors it computed without ever building (N, V) logits.
 
 One deliberate deviation from the reference: a micro-batch whose loss mask is all zero returns an
 exact 0 that stays connected to the autograd graph, in every aggregation mode (the reference
@@ -21,61 +21,19 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
-# Clamp on the log of the top-K mass before computing the tail, so the tail never reaches log 0.
-TAIL_LOG_MASS_CLAMP = -1e-7
+# The bucket maths lives with the kernels (one copy, used by the heads too); re-exported here for the loss API.
+from .kernels.buckets import (  # noqa: F401 (re-exports)
+    TAIL_LOG_FLOOR,
+    TAIL_LOG_MASS_CLAMP,
+    add_tail_bucket,
+    divergence,
+    renormalize_topk,
+    topk_divergence,
+)
+
 # Clamp on log(π_S/π_old) before exponentiating, as in the reference.
 LOG_RATIO_CLAMP = 20.0
-
-
-def add_tail_bucket(topk_log_probs: torch.Tensor) -> torch.Tensor:
-    """Append the tail bucket log(1 − Σ_k p_k) to full-vocabulary-normalised top-K log-probs.
-
-    (…, K) → (…, K+1). The log of the top-K mass is clamped at −1e−7 and the tail is computed as
-    log(−expm1(·)), so it is stable and never −inf; when the top-K covers all the mass the tail is
-    log(1e−7) ≈ −16.12 and its gradient is cut off by the clamp.
-    """
-    log_mass = torch.logsumexp(topk_log_probs, dim=-1, keepdim=True)
-    log_mass = torch.clamp(log_mass, max=TAIL_LOG_MASS_CLAMP)
-    tail = torch.log(-torch.expm1(log_mass))
-    return torch.cat([topk_log_probs, tail], dim=-1)
-
-
-def renormalize_topk(topk_log_probs: torch.Tensor) -> torch.Tensor:
-    """Renormalise log-probs over the K selected tokens: ℓ_k − logsumexp_j ℓ_j."""
-    return topk_log_probs - torch.logsumexp(topk_log_probs, dim=-1, keepdim=True)
-
-
-def divergence(student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Per-position divergence between two log-distributions over the last dimension.
-
-    α = 0 → KL(teacher ‖ student) (forward KL); α = 1 → KL(student ‖ teacher) (reverse KL);
-    otherwise (1−α)·KL(S ‖ M) + α·KL(T ‖ M) with log M = logsumexp(log S + log(1−α), log T + log α).
-    The ends are the *unscaled* KLs, so the function is discontinuous at α ∈ {0, 1}, as in the
-    reference. Returns the sum over the last dimension.
-    """
-    if alpha == 0.0:
-        elementwise = F.kl_div(student_log_probs, teacher_log_probs, reduction="none", log_target=True)
-    elif alpha == 1.0:
-        elementwise = F.kl_div(teacher_log_probs, student_log_probs, reduction="none", log_target=True)
-    else:
-        a = torch.tensor(alpha, dtype=student_log_probs.dtype, device=student_log_probs.device)
-        mixture = torch.logsumexp(
-            torch.stack([student_log_probs + torch.log(1 - a), teacher_log_probs + torch.log(a)]), dim=0
-        )
-        kl_teacher = F.kl_div(mixture, teacher_log_probs, reduction="none", log_target=True)
-        kl_student = F.kl_div(mixture, student_log_probs, reduction="none", log_target=True)
-        elementwise = torch.lerp(kl_student, kl_teacher, a)
-    return elementwise.sum(dim=-1)
-
-
-def topk_divergence(
-    student_topk_log_probs: torch.Tensor, teacher_topk_log_probs: torch.Tensor, *, alpha: float, add_tail: bool
-) -> torch.Tensor:
-    """D_t on K+1 buckets (tail) or on K renormalised buckets. Inputs are full-vocabulary-normalised."""
-    prepare = add_tail_bucket if add_tail else renormalize_topk
-    return divergence(prepare(student_topk_log_probs), prepare(teacher_topk_log_probs), alpha)
 
 
 def token_level_surrogate(student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor) -> torch.Tensor:

@@ -150,6 +150,8 @@ class _SDPOTrainerMixin:
             given["args"] = GRPOConfig(f"{str(name).split('/')[-1] or 'model'}-SDPO")
         if sdpo.enabled:
             self._check_grpo_args(given["args"])
+            peft = given.get("peft_config") is not None or is_peft_model(given.get("model"))
+            _check_zero3_peft(given["args"], peft)
             _check_dataset(given.get("train_dataset"), given.get("processing_class"))
         super().__init__(*bound.args, **bound.kwargs)
         self._feedback = FeedbackStore()
@@ -159,7 +161,11 @@ class _SDPOTrainerMixin:
         if not sdpo.enabled:
             return
         self._parallelism = parallelism(self.accelerator)
-        self._check_parallelism(is_peft_model(self.model))
+        if self._parallelism == "fsdp1":
+            raise NotImplementedError(
+                "SDPO supports FSDP version 2 only: its parameters are DTensors, which the fused head gathers and the "
+                "EMA teacher updates shard by shard. Set fsdp_config={'fsdp_version': 2}."
+            )
         if self._is_vlm:
             raise NotImplementedError(
                 "SDPOTrainer supports text-only models: the teacher prompt and the fused head do not carry images. "
@@ -217,19 +223,6 @@ class _SDPOTrainerMixin:
                     "SDPOConfig.grpo_weight > 0 to blend in the GRPO loss they configure.",
                     ", ".join(ignored),
                 )
-
-    def _check_parallelism(self, peft: bool) -> None:
-        if self._parallelism == "fsdp1":
-            raise NotImplementedError(
-                "SDPO supports FSDP version 2 only: its parameters are DTensors, which the fused head gathers and the "
-                "EMA teacher updates shard by shard. Set fsdp_config={'fsdp_version': 2}."
-            )
-        if self._parallelism == "zero3" and peft:
-            raise NotImplementedError(
-                "SDPO does not support PEFT/LoRA under DeepSpeed ZeRO-3. A LoRA adapter is small, so ZeRO-2 "
-                "(zero_optimization.stage=2) or plain DDP keep the same memory for the trainable state; or train the "
-                "full model under ZeRO-3."
-            )
 
     def _add_ema_callback(self) -> None:
         """EMA once per generation batch: the reference's once per training step."""
@@ -693,6 +686,17 @@ def _all_finite(params) -> bool:
         return True
     norms = torch._foreach_norm(local)
     return bool(torch.isfinite(torch.stack([n.float().to(norms[0].device) for n in norms])).all())
+
+
+def _check_zero3_peft(args: GRPOConfig, peft: bool) -> None:
+    """Refused before anything is built (a second Accelerator cannot be made under DeepSpeed)."""
+    plugin = getattr(args, "deepspeed_plugin", None)
+    if peft and plugin is not None and plugin.zero_stage == 3:
+        raise NotImplementedError(
+            "SDPO does not support PEFT/LoRA under DeepSpeed ZeRO-3. A LoRA adapter is small, so ZeRO-2 "
+            "(zero_optimization.stage=2) or plain DDP keep the same memory for the trainable state; or train the "
+            "full model under ZeRO-3."
+        )
 
 
 def _check_dataset(train_dataset, processing_class) -> None:

@@ -25,9 +25,16 @@ from ..forward import add_sdpo_forward
 from .full_copy import FullCopyTeacher, frozen_copy
 
 
-def _inference_config(accelerator, hidden_size: int | None) -> dict:
-    """The student's DeepSpeed config for a no-grad engine: no optimizer, scheduler, offloaded optimizer or batching."""
+def _inference_config(accelerator, hidden_size: int | None, dtype: torch.dtype) -> dict:
+    """The student's DeepSpeed config for a no-grad engine in the teacher's dtype.
+
+    No optimizer, scheduler, offloaded optimizer or batching. The dtype is set through the config's
+    precision sections, which `zero.Init` and the engine both follow (`zero.Init(dtype=…)` is not
+    reliable: DeepSpeed 0.19 ignores it on accelerators without fp16).
+    """
     config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+    config["bf16"] = {"enabled": dtype == torch.bfloat16}
+    config["fp16"] = {"enabled": dtype == torch.float16}
     for key in ("optimizer", "scheduler", "train_batch_size", "gradient_clipping"):
         config.pop(key, None)
     config["train_micro_batch_size_per_gpu"] = 1
@@ -49,8 +56,8 @@ def _partitioned_copy(student: nn.Module, dtype: torch.dtype, config: dict) -> n
     """A teacher built under `zero.Init` whose partitions are copies of the student's (no gather)."""
     import deepspeed
 
-    with deepspeed.zero.Init(config_dict_or_path=config, dtype=dtype):
-        teacher = type(student)._from_config(copy.deepcopy(student.config), torch_dtype=dtype)
+    with deepspeed.zero.Init(config_dict_or_path=config):
+        teacher = type(student)._from_config(copy.deepcopy(student.config), dtype=dtype)
     student_params = {_normalise_name(n): p for n, p in student.named_parameters()}
     with torch.no_grad():
         for name, p in teacher.named_parameters():
@@ -67,7 +74,7 @@ class Zero3Teacher(FullCopyTeacher):
     def from_student(cls, student, accelerator, dtype):
         import deepspeed
 
-        config = _inference_config(accelerator, getattr(student.config.get_text_config(), "hidden_size", None))
+        config = _inference_config(accelerator, getattr(student.config.get_text_config(), "hidden_size", None), dtype)
         if any(is_zero3_param(p) for p in student.parameters()):
             teacher = _partitioned_copy(student, dtype, config)
         else:

@@ -50,6 +50,8 @@ def _force_fsdp_on_cpu() -> None:
 
 
 EMA_RATE = 0.25
+# Resume a previous run's checkpoint-1 (the same mode's checkpoint): one more step from the restored teacher.
+RESUME_FROM = os.environ.get("SDPO_RESUME_FROM")
 MODES = ("ddp", "fsdp2", "fsdp2-shard-grad-op", "fsdp2-asymmetric", "zero3", "zero3-init")
 # DeepSpeed ZeRO-3 on the CPU accelerator (gloo). `zero3-init` loads the model with `from_pretrained` under
 # ZeRO-3's `zero.Init`, so the student is partitioned before SDPOTrainer builds its teacher; `zero3` hands in a
@@ -108,6 +110,7 @@ def main(mode: str, out_dir: Path) -> None:
     if mode.startswith("fsdp2"):
         _force_fsdp_on_cpu()
     from datasets import Dataset
+    from transformers import TrainerCallback
     from trl import GRPOConfig
 
     from sdpo_fast import SDPOConfig, SDPOTrainer
@@ -135,7 +138,7 @@ def main(mode: str, out_dir: Path) -> None:
         num_generations=4,
         max_completion_length=8,
         generation_kwargs={"min_new_tokens": 3},  # a non-empty demonstration to look for
-        max_steps=1,
+        max_steps=2 if RESUME_FROM else 1,
         logging_steps=1,
         report_to=[],
         use_cpu=True,
@@ -157,8 +160,10 @@ def main(mode: str, out_dir: Path) -> None:
     if mode == "zero3-init":  # under zero.Init (the GRPOConfig above switched it on): partitioned at load
         from transformers import AutoModelForCausalLM
 
-        folder = out_dir / f"model-rank{rank}"
-        model.save_pretrained(folder)
+        folder = out_dir / "model"
+        if rank == 0:
+            model.save_pretrained(folder)
+        dist.barrier()
         model = AutoModelForCausalLM.from_pretrained(folder)
         assert all(hasattr(p, "ds_id") for p in model.parameters()), "the model was not loaded under zero.Init"
     elif mode == "zero3":
@@ -166,7 +171,9 @@ def main(mode: str, out_dir: Path) -> None:
 
         lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
         try:
-            SDPOTrainer(copy.deepcopy(model), reward, args=args, train_dataset=dataset, processing_class=tok, peft_config=lora)
+            SDPOTrainer(
+                copy.deepcopy(model), reward, args=args, train_dataset=dataset, processing_class=tok, peft_config=lora
+            )
         except NotImplementedError as err:
             peft_refusal = str(err)
     trainer = SDPOTrainer(model, reward, args=args, sdpo_config=sdpo, train_dataset=dataset, processing_class=tok)
@@ -191,7 +198,15 @@ def main(mode: str, out_dir: Path) -> None:
 
     student_before = flat(trainer.accelerator.unwrap_model(trainer.model))
     teacher_before = flat(trainer.ref_model)
-    trainer.train()
+    at_resume = {}
+    if RESUME_FROM:  # the teacher as restored from the checkpoint, before the resumed step
+
+        class Restored(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kw):
+                at_resume["teacher"] = flat(trainer.ref_model)
+
+        trainer.add_callback(Restored())
+    trainer.train(resume_from_checkpoint=RESUME_FROM or None)
 
     student = trainer.model if trainer.is_fsdp_enabled else trainer.accelerator.unwrap_model(trainer.model)
     student_after, teacher_after = flat(student), flat(trainer.ref_model)
@@ -199,7 +214,8 @@ def main(mode: str, out_dir: Path) -> None:
     teacher_full = {n: full(p).float().cpu() for n, p in teacher_module.named_parameters()}
     checkpoint = None
     if trainer.args.should_save:
-        saved = torch.load(out_dir / "run" / "checkpoint-1" / TEACHER_CHECKPOINT_FILE, weights_only=True)
+        last = out_dir / "run" / f"checkpoint-{trainer.state.global_step}"
+        saved = torch.load(last / TEACHER_CHECKPOINT_FILE, weights_only=True)
         state = {k: v.float() for k, v in saved["state"].items()}
         checkpoint = {
             "kind": saved["kind"],
@@ -238,6 +254,7 @@ def main(mode: str, out_dir: Path) -> None:
     torch.save(
         {
             "student_before": student_before,
+            "teacher_at_resume": at_resume.get("teacher"),
             "student_after": student_after,
             "teacher_before": teacher_before,
             "teacher_after": teacher_after,

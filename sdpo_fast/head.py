@@ -25,7 +25,7 @@ from typing import NamedTuple
 import torch
 
 from .kernels.constants import BACKENDS, TRITON_MAX_TOPK, auto_backend, interpreting
-from .kernels.function import HeadOptions, SDPOHeadFunction
+from .kernels.function import HeadOptions, SDPOHeadFunction, epilogue_dtype
 from .kernels.naive import naive_head
 
 __all__ = ["BACKENDS", "TRITON_MAX_TOPK", "SDPOHeadOutput", "resolve_backend", "sdpo_head"]
@@ -212,3 +212,34 @@ class _Materialised(torch.autograd.Function):
 
         with hold_gathered(ctx.saved_tensors[0], ctx.weight_gather):
             return grad, None
+
+
+@torch.no_grad()
+def sampled_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target_ids: torch.Tensor,
+    *,
+    topk: int | None = 100,
+    temperature: float = 1.0,
+    backend: str = "auto",
+    memory_budget_mb: float = 256,
+    weight_gather: Callable[[], contextlib.AbstractContextManager] | None = None,
+) -> torch.Tensor:
+    """log π(y) exactly as `sdpo_head` returns `student_logprob` for the same student inputs, without a teacher.
+
+    The same streaming pass with the same options computes it, so on the same rows the two agree bit for bit:
+    the trainer scores `old_per_token_logps` with it, which makes the importance ratio exactly 1 before the
+    policy has moved (TRL's own scorer rounds its logit tiles to the compute dtype; Unsloth has its own).
+    """
+    gather = weight_gather if weight_gather is not None else contextlib.nullcontext
+    with gather(), torch.autocast(device_type=hidden.device.type, enabled=False):
+        backend = resolve_backend(backend, hidden.device, topk, hidden.shape[0])
+        targets = target_ids.long()
+        if backend == "naive":
+            return naive_head(
+                hidden, weight, hidden, weight, targets, topk=topk, add_tail=True, alpha=0.5, inv_temp=1.0 / temperature
+            )[1]
+        opts = HeadOptions(topk, True, 0.5, 1.0 / float(temperature), int(memory_budget_mb * 2**20))
+        stats = _tile_ops(backend).student_stats(hidden, weight, targets, opts)
+        return stats.log_probs(stats.target_logit, epilogue_dtype(hidden.device)).to(stats.max.dtype)

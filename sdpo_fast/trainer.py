@@ -47,7 +47,7 @@ from .faults import (
     upgrade_legacy,
 )
 from .forward import SDPORequest, add_sdpo_forward, check_head_compatible, logit_scale
-from .head import resolve_backend, sdpo_head
+from .head import resolve_backend, sampled_logprobs, sdpo_head
 from .loss import self_distillation_objective, token_level_surrogate
 from .reprompting import PromptCodec, build_teacher_contexts, group_key, question_text, tokenize_reprompt
 from .rewards import FeedbackStore, wrap_reward_function
@@ -68,6 +68,9 @@ def _teacher_kwargs(ids: torch.Tensor, att: torch.Tensor) -> dict[str, torch.Ten
 
 # ---------------------------------------------------------------------------------------------- the trainer
 
+
+# Keywords of TRL's `_get_per_token_logps_and_entropies` that are options rather than extra (e.g. image) inputs.
+_SCORER_OPTIONS = ("batch_size", "compute_entropy", "compute_aux_loss")
 
 # GRPO loss options SDPO does not use: pure SDPO (grpo_weight=0) ignores all of them, the blend only the first four.
 _BLEND_IGNORED = ("top_entropy_quantile", "off_policy_mask_threshold", "entropy_coef", "use_adaptive_entropy")
@@ -418,12 +421,7 @@ class _SDPOTrainerMixin:
             raise ValueError("SDPOTrainer does not support returning outputs.")
         sdpo = self.sdpo_config
         mode = "train" if self.model.training else "eval"
-        mask = inputs["completion_mask"].float()
-        if "tool_mask" in inputs:
-            mask = mask * inputs["tool_mask"]
-        sd_mask = inputs["self_distillation_mask"].float()
-        loss_mask = mask * sd_mask.unsqueeze(1)
-        score_mask = (mask if sdpo.grpo_weight > 0 else loss_mask) > 0
+        mask, loss_mask, score_mask = self._loss_masks(inputs)
 
         teacher = self._teacher_states(model, inputs, score_mask)
         out, aux_loss = self._student_head(model, inputs, score_mask, teacher)
@@ -519,41 +517,59 @@ class _SDPOTrainerMixin:
         full[row_idx] = hidden_rows
         return full[score_mask], weight
 
+    def _head_settings(self) -> dict[str, Any]:
+        """What every head call of this trainer shares: the loss head and the old-log-prob scorer alike."""
+        sdpo = self.sdpo_config
+        return dict(
+            topk=sdpo.distillation_topk if sdpo.full_logit_distillation else 1,
+            temperature=self.temperature / self._logit_scale,
+            backend=self.sdpo_backend,  # resolved at init (auto: see sdpo_fast.head.resolve_backend)
+            memory_budget_mb=sdpo.distillation_memory_budget_mb,
+        )
+
+    def _student_forward(self, model, prompt_completion: tuple, score_mask, head_fn, router_aux: bool = False):
+        """One student forward with `head_fn(hidden, h, weight, targets, gather)` run inside it on the scored rows.
+
+        `prompt_completion` is (prompt_ids, prompt_mask, completion_ids, completion_mask). `h` is `hidden[score_mask]`
+        in the weight's dtype; `gather` holds the `weight_gather` keyword under ZeRO-3.
+        """
+        prompt_ids, prompt_mask, completion_ids, completion_mask = prompt_completion
+        targets = completion_ids[score_mask]
+        zero3 = self._parallelism == "zero3"
+
+        def head(hidden: torch.Tensor, weight: torch.Tensor):
+            # FSDP2: gather the DTensor (differentiably); ZeRO-3: the head gathers it in its forward and backward.
+            weight = full_weight(weight)
+            gather = {"weight_gather": lambda: zero3_gathered([weight])} if zero3 else {}
+            h = hidden[score_mask]
+            return head_fn(hidden, h if h.dtype == weight.dtype else h.to(weight.dtype), weight, targets, gather)
+
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        request = SDPORequest(completion_ids.shape[1], head, router_aux=router_aux)
+        with self.accelerator.autocast():
+            return model(input_ids=input_ids, attention_mask=attention_mask, sdpo=request)
+
     def _student_head(self, model, inputs, score_mask, teacher) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         """One student forward; the fused head runs inside it on the scored positions. Also the MoE aux loss."""
         sdpo = self.sdpo_config
-        completion_ids = inputs["completion_ids"]
-        targets = completion_ids[score_mask]
-        temperature = self.temperature / self._logit_scale
 
-        zero3 = self._parallelism == "zero3"
-
-        def head(hidden: torch.Tensor, weight: torch.Tensor) -> dict[str, torch.Tensor]:
-            # FSDP2: gather the DTensor (differentiably); ZeRO-3: the head gathers it in its forward and backward.
-            weight = full_weight(weight)
-            extra = {"weight_gather": lambda: zero3_gathered([weight])} if zero3 else {}
-            h = hidden[score_mask]
-            if h.dtype != weight.dtype:
-                h = h.to(weight.dtype)
+        def head_fn(hidden, h, weight, targets, gather) -> dict[str, torch.Tensor]:
             if teacher is None:  # no teacher row in this micro-batch: the student's own states stand in (masked out)
                 t_h, t_w = h.detach(), weight.detach()
             else:
                 t_h, t_w = teacher
                 t_h = t_h.to(t_w.dtype)
-            topk = sdpo.distillation_topk if sdpo.full_logit_distillation else 1
             result = sdpo_head(
                 h,
                 weight,
                 t_h,
                 t_w,
                 targets,
-                topk=topk,
                 add_tail=sdpo.distillation_add_tail,
                 alpha=sdpo.distillation_alpha,
-                temperature=temperature,
-                backend=self.sdpo_backend,  # resolved at init (auto: triton on sm_80+ CUDA unless K > 256, else torch)
-                memory_budget_mb=sdpo.distillation_memory_budget_mb,
-                **extra,
+                **self._head_settings(),
+                **gather,
             )
             outputs = {}
             for name, values in zip(("divergence", "student_logprob", "teacher_logprob"), result):
@@ -562,13 +578,78 @@ class _SDPOTrainerMixin:
                 outputs["divergence"] = outputs["divergence"] + 0.0 * (hidden.sum() + weight.sum())
             return outputs
 
-        input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
-        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
         router_aux = bool(getattr(self, "aux_loss_enabled", False))
-        request = SDPORequest(completion_ids.shape[1], head, router_aux=router_aux)
-        with self.accelerator.autocast():
-            result = model(input_ids=input_ids, attention_mask=attention_mask, sdpo=request)
+        batch = (inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"], inputs["completion_mask"])
+        result = self._student_forward(model, batch, score_mask, head_fn, router_aux=router_aux)
         return result if router_aux else (result, None)
+
+    # ------------------------------------------------------------------------------------ one scorer
+
+    @torch.no_grad()
+    def _sampled_logprobs(self, model, batch: tuple, score_mask: torch.Tensor) -> torch.Tensor:
+        """log π(y) on the scored rows with the loss head's own numerics, (B, T), zero elsewhere."""
+
+        def head_fn(hidden, h, weight, targets, gather):
+            values = sampled_logprobs(h, weight, targets, **self._head_settings(), **gather)
+            return values.new_zeros(score_mask.shape).masked_scatter(score_mask, values)
+
+        return self._student_forward(model, batch, score_mask, head_fn)
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
+        """TRL's scorer of `old_per_token_logps`; under SDPO the loss head's numerics replace it.
+
+        TRL's scorer rounds its logit tiles to the compute dtype (and Unsloth has its own), while the policy's
+        log-probs come from the fp32-accumulated head, so their ratio would start away from 1. Under SDPO the only
+        caller is the old-log-prob pass of `_generate_and_score_completions`. With vLLM's importance-sampling
+        correction its values are used right away, so they are scored here with the head; otherwise they are
+        placeholders (NaN, so any use would be loud), replaced exactly per micro-batch in `_prepare_inputs`.
+        """
+        wants_more = kwargs.get("compute_entropy") or kwargs.get("compute_aux_loss")
+        extra_inputs = any(v is not None for k, v in kwargs.items() if k not in _SCORER_OPTIONS)
+        if not self.sdpo_config.enabled or wants_more or extra_inputs or args:
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+            )
+        if not (self.use_vllm and getattr(self, "vllm_importance_sampling_correction", False)):
+            return torch.full(input_ids[:, -logits_to_keep:].shape, math.nan, device=input_ids.device), None, None
+        chunk = kwargs.get("batch_size") or input_ids.shape[0]
+        parts = []
+        for start in range(0, input_ids.shape[0], chunk):
+            ids, att = input_ids[start : start + chunk], attention_mask[start : start + chunk]
+            prompt, completion = ids[:, :-logits_to_keep], ids[:, -logits_to_keep:]
+            batch = (prompt, att[:, :-logits_to_keep], completion, att[:, -logits_to_keep:])
+            parts.append(self._sampled_logprobs(model, batch, att[:, -logits_to_keep:] > 0))
+        return torch.cat(parts), None, None
+
+    def _prepare_inputs(self, generation_batch):
+        inputs = super()._prepare_inputs(generation_batch)
+        if not self.sdpo_config.enabled:
+            return inputs
+        if not self.model.training:  # eval: every batch is freshly generated
+            self._rescore_old_logps(inputs)
+        elif self._buffered_inputs is not getattr(self, "_rescored", None):
+            # A new generation batch, before any optimizer step has moved the policy: score every micro-batch
+            # exactly as compute_loss will (same rows, same head), so the first pass has a ratio of exactly 1.
+            for batch in self._buffered_inputs:
+                self._rescore_old_logps(batch)
+            self._rescored = self._buffered_inputs
+        return inputs
+
+    def _rescore_old_logps(self, inputs) -> None:
+        if inputs.get("old_per_token_logps") is None:
+            return
+        _, _, score_mask = self._loss_masks(inputs)
+        batch = (inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"], inputs["completion_mask"])
+        inputs["old_per_token_logps"] = self._sampled_logprobs(self.model, batch, score_mask)
+
+    def _loss_masks(self, inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(completion mask, SDPO loss mask, scored positions): the blend scores every completion token."""
+        mask = inputs["completion_mask"].float()
+        if "tool_mask" in inputs:
+            mask = mask * inputs["tool_mask"]
+        loss_mask = mask * inputs["self_distillation_mask"].float().unsqueeze(1)
+        score_mask = (mask if self.sdpo_config.grpo_weight > 0 else loss_mask) > 0
+        return mask, loss_mask, score_mask
 
     def _grpo_loss(self, logp: torch.Tensor, inputs, mask: torch.Tensor, mode: str) -> torch.Tensor:
         """GRPO's clipped surrogate from the same student log-probs (loss types grpo/bnpo/dr_grpo/dapo)."""

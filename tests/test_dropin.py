@@ -226,3 +226,66 @@ def test_truncated_vllm_sampling_is_named_with_the_fix():
     for kw, named in ((dict(top_k=50), "top_k=50"), (dict(top_p=0.9), "top_p=0.9"), (dict(min_p=0.05), "min_p=0.05")):
         message = truncated_sampling_warning(cfg(**kw))
         assert named in message and "vllm_importance_sampling_correction=False" in message and "top_k=0" in message
+
+
+# ------------------------------------------------------------------ one scorer: the IS ratio starts at exactly 1
+
+
+def _bf16_scorer(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
+    """A stand-in for TRL's scorer (which rounds its logit tiles to bf16): log-softmax of bf16-rounded logits."""
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, -logits_to_keep - 1 : -1]
+        logps = torch.log_softmax(logits.to(torch.bfloat16).float(), -1)
+        return logps.gather(-1, input_ids[:, -logits_to_keep:, None]).squeeze(-1), None, None
+
+
+def _first_pass_log_ratios(trainer, monkeypatch):
+    import sdpo_fast.trainer as trainer_module
+
+    seen = []
+    real = trainer_module.self_distillation_objective
+
+    def spy(per_token, logp, mask, *, old_log_probs, **kw):
+        seen.append(((logp.detach() - old_log_probs) * mask)[mask > 0])
+        return real(per_token, logp, mask, old_log_probs=old_log_probs, **kw)
+
+    monkeypatch.setattr(trainer_module, "self_distillation_objective", spy)
+    monkeypatch.setattr(GRPOTrainer, "_get_per_token_logps_and_entropies", _bf16_scorer)
+    trainer.train()
+    return seen
+
+
+@pytest.mark.parametrize("layout", ["iterations", "off-policy"])
+def test_importance_ratio_is_exactly_one_on_the_first_pass(tmp_path, monkeypatch, layout):
+    extra = dict(num_iterations=2) if layout == "iterations" else dict(steps_per_generation=2)
+    trainer = make_trainer(tmp_path, max_steps=2, learning_rate=1e-2, **extra)
+    seen = _first_pass_log_ratios(trainer, monkeypatch)
+    assert len(seen) == 2 and seen[0].numel() > 0
+    assert torch.equal(seen[0], torch.zeros_like(seen[0]))  # log π − log π_old = 0 bit for bit: ratio 1
+    assert seen[1].abs().max() > 0  # after an optimizer step the policy has moved: a real ratio
+
+
+def test_without_the_one_scorer_the_ratio_starts_off_one(tmp_path, monkeypatch):
+    """The control: TRL's (stand-in) scorer alone leaves the first-pass ratio off 1, which the IS clip acts on."""
+    trainer = make_trainer(tmp_path, max_steps=1, num_iterations=2)
+    monkeypatch.setattr(trainer, "_rescore_old_logps", lambda inputs: None)
+    monkeypatch.setattr(
+        type(trainer), "_get_per_token_logps_and_entropies", lambda self, *a, **k: _bf16_scorer(self, *a, **k)
+    )
+    seen = _first_pass_log_ratios(trainer, monkeypatch)
+    assert seen[0].abs().max() > 1e-4
+
+
+def test_vllm_importance_weights_use_the_heads_numerics(tmp_path, monkeypatch):
+    trainer = make_trainer(tmp_path, num_iterations=2)
+    batch = first_batch(trainer)
+    exact = batch["old_per_token_logps"]
+    monkeypatch.setattr(trainer, "use_vllm", True)
+    monkeypatch.setattr(trainer, "vllm_importance_sampling_correction", True, raising=False)
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+    att = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+    t = batch["completion_ids"].shape[1]
+    scored, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, att, t, batch_size=2)
+    _, _, score_mask = trainer._loss_masks(batch)
+    torch.testing.assert_close(scored[score_mask], exact[score_mask], rtol=0, atol=1e-6)
+    assert not torch.isnan(exact).any()

@@ -59,3 +59,18 @@ def test_configuration_table_lists_every_field_with_its_default():
 def test_files_the_readme_points_to_exist(path):
     assert path in README
     assert (Path(__file__).resolve().parents[1] / path).exists()
+
+
+def test_untrusted_code_snippet_runs_verbatim():
+    namespace: dict = {}
+    exec(compile(_section_code("Untrusted code"), "README.md", "exec"), namespace)
+    assert namespace["records"][0].passed and namespace["records"][0].actual == 4
+
+
+def test_every_file_in_the_module_table_exists():
+    table = README.split("One file per capability:", 1)[1].split("\n\n", 2)[1]
+    root = Path(__file__).resolve().parents[1]
+    paths = re.findall(r"`((?:sdpo_fast|kernels)/[\w/.]*)`", table)
+    assert len(paths) >= 10
+    for path in paths:
+        assert (root / path).exists(), path

@@ -153,7 +153,8 @@ class _SDPOTrainerMixin:
             given["args"] = GRPOConfig(f"{str(name).split('/')[-1] or 'model'}-SDPO")
         if sdpo.enabled:
             self._check_grpo_args(given["args"])
-            peft = given.get("peft_config") is not None or is_peft_model(given.get("model"))
+            model = given.get("model")
+            peft = given.get("peft_config") is not None or (isinstance(model, torch.nn.Module) and is_peft_model(model))
             _check_zero3_peft(given["args"], peft)
             _check_dataset(given.get("train_dataset"), given.get("processing_class"))
         super().__init__(*bound.args, **bound.kwargs)

@@ -65,7 +65,8 @@ class NonFiniteStepGuard(TrainerCallback):
 
     def _check(self, step: int) -> tuple[bool, list[str]]:
         if self._verdict is None or self._verdict[0] != step:
-            named = [(n, g) for n, g in self.named_gradients() if g is not None]
+            # local shards (FSDP2 DTensors): no collective per tensor; the verdict is combined across ranks below
+            named = [(n, getattr(g, "_local_tensor", g)) for n, g in self.named_gradients() if g is not None]
             bad: list[str] = []
             if named:
                 norms = torch._foreach_norm([g for _, g in named])

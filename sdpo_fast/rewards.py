@@ -48,16 +48,23 @@ def _score(value: Any, name: str, index: int) -> float | None:
     )
 
 
-def normalise_reward_output(output: Any, name: str) -> tuple[list[float | None], list[str | None] | None]:
+def normalise_reward_output(
+    output: Any, name: str, expected: int | None = None
+) -> tuple[list[float | None], list[str | None] | None]:
     """Split one reward function's output into scores and (optional) feedback strings.
 
-    The number of entries is TRL's to check (it raises a `ValueError` naming the function).
+    Under a trainer the number of entries is TRL's to check (it raises a `ValueError` naming the function);
+    other callers pass `expected` and get the same exception type.
     """
     if isinstance(output, str | bytes | dict) or not (hasattr(output, "__len__") and hasattr(output, "__iter__")):
         raise TypeError(
             f"Reward function {name!r} returned {type(output).__name__} {output!r:.80}; expected {ACCEPTED}."
         )
     values = list(output)
+    if expected is not None and len(values) != expected:
+        raise ValueError(
+            f"Reward function {name!r} returned {len(values)} values for {expected} completions; expected {ACCEPTED}."
+        )
     scores: list[float | None] = []
     feedback: list[str | None] = []
     has_feedback = False

@@ -275,10 +275,10 @@ class _SDPOTrainerMixin:
     # ------------------------------------------------------------------------------------ rewards and teacher inputs
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        if not self.sdpo_config.enabled:
-            return super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         # Reward functions may return {"score", "feedback"} dicts. They are wrapped for this call only, so that
         # `trainer.reward_funcs` keeps the user's objects and TRL's own checks (lengths, None → NaN) still run.
+        # Also with enabled=False (plain GRPO): float rewards pass through unchanged, and the same reward
+        # functions serve an SDPO run and its GRPO control.
         self._feedback.clear()
         user_funcs = self.reward_funcs
         self.reward_funcs = [

@@ -334,7 +334,7 @@ def test_reward_function_that_raises_is_named_with_the_attempts(scripted):
     ("output", "error", "match"),
     [
         ("1.0", TypeError, "returned str"),
-        ([1.0], TypeError, "returned 1 values for 2 completions"),
+        ([1.0], ValueError, "returned 1 values for 2 completions"),
         ([{"feedback": "x"}, 0.0], TypeError, "without a 'score' key"),
         ([{"score": 0.0, "feedback": 3}, 0.0], TypeError, "non-string feedback"),
         ([float("inf"), 0.0], ValueError, "finite"),

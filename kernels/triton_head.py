@@ -257,6 +257,16 @@ class TritonTiles(TileOps):
 
     # ------------------------------------------------------------------ backward
 
+    def backward_plan(self, n: int, vocab: int, hidden: int, budget_bytes: int) -> tuple[int, int]:
+        """As square as the budget allows: dh (N × H, fp32) is read and written once per vocabulary chunk and dW
+        (V × H, fp32) once per row chunk, so that traffic is 8·H·N·V·(1/cols + 1/rows) bytes: least when equal."""
+        elements = max(budget_bytes // self.tile_bytes_per_element, 1024)
+        quantum = 32 if interpreting() else 256
+        side = max(quantum, int(math.isqrt(elements)) // quantum * quantum)
+        rows = min(n, side)
+        cols = min(vocab, max(quantum, elements // max(rows, 1) // quantum * quantum))
+        return max(rows, 1), cols
+
     def grad_tile(self, spec: GradSpec, rows: slice, v0: int, v1: int, scratch: torch.Tensor) -> torch.Tensor:
         h = _operands(spec.h, spec.weight)
         m, width = rows.stop - rows.start, v1 - v0

@@ -171,7 +171,7 @@ class TritonTiles(TileOps):
         return best
 
     @staticmethod
-    def _finish_topk(run_max, run_sum, target, count, keys, k, chunk: int = 8192) -> Stats:
+    def _finish_topk(run_max, run_sum, target, count, keys, k, chunk: int = 4096) -> Stats:
         """The top-K from the candidate buffer, and the losing candidates added to the tail sum."""
         row_max, tail = _merge_splits(run_max, run_sum)
         n, cap = keys.shape
@@ -262,7 +262,7 @@ class TritonTiles(TileOps):
         (V × H, fp32) once per row chunk, so that traffic is 8·H·N·V·(1/cols + 1/rows) bytes: least when equal."""
         elements = max(budget_bytes // self.tile_bytes_per_element, 1024)
         quantum = 32 if interpreting() else 256
-        side = max(quantum, int(math.isqrt(elements)) // quantum * quantum)
+        side = max(quantum, math.isqrt(elements) // quantum * quantum)
         rows = min(n, side)
         cols = min(vocab, max(quantum, elements // max(rows, 1) // quantum * quantum))
         return max(rows, 1), cols

@@ -17,6 +17,12 @@ Per bounded tile (rows × vocabulary columns) cuBLAS computes h @ Wᵀ into an f
 
 Launch configurations are fixed per kernel (`CONFIGS`, compiled ahead of time for sm_75…sm_90 by
 kernels/compile_report.py); under TRITON_INTERPRET=1 small blocks run on the CPU.
+
+Choices left out, and why: the K winners' logits are read from the fp32 tile, exactly the values the normaliser
+summed, so they need no recompute as K dots (a bf16 tile would halve the tile traffic but need that recompute and
+lose the exact tail). No tile of dz is skipped as negligible (Cut Cross-Entropy's filter): every entry counts
+towards the 1e−5 oracle tolerance. The gradient is not formed in the forward (Liger/QuACK style): dz needs the
+row's final top-K and normaliser, known only after the last tile, so it would need all the row's logits kept.
 """
 
 from __future__ import annotations

@@ -215,7 +215,9 @@ class TritonTiles(TileOps):
         top = None if top_idx is None else torch.zeros(n, k, device=dev)
         ids = None if top_idx is None else top_idx.contiguous()
         buffer = torch.empty(rows * cols, device=dev)
-        dummy = torch.empty(1, device=dev)
+        # the MODE_LSE sweep ignores the top-K arguments; typed like the real ones, it compiles as in the report
+        unused = (torch.empty(1, device=dev), torch.empty(1, device=dev), 0, torch.empty(1, dtype=torch.int32, device=dev),
+                  torch.empty(1, dtype=torch.int64, device=dev), 0)  # fmt: skip
         for r0 in range(0, n, rows):
             r1 = min(n, r0 + rows)
             for v0 in range(0, vocab, cols):
@@ -228,7 +230,7 @@ class TritonTiles(TileOps):
                     )  # fmt: skip
                 launch(
                     "sweep", (r1 - r0, splits), tile, width, width, v0, r0, opts.inv_temp, targets, target, run_max,
-                    run_sum, splits, per_split, dummy, dummy, 0, dummy, dummy, 0, MODE=MODE_LSE, TARGET=top is None,
+                    run_sum, splits, per_split, *unused, MODE=MODE_LSE, TARGET=top is None,
                 )  # fmt: skip
         row_max, total = _merge_splits(run_max, run_sum)
         if top is None:

@@ -51,8 +51,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--step-vocab", type=int, help="vocabulary of the step model (default 151936)")
     p.add_argument("--steps", type=int, help="optimizer steps per step-benchmark run (first one is warm-up)")
     p.add_argument("--runs", type=int, help="timed head runs per configuration (after warm-up)")
+    p.add_argument("--warmup", type=int, help="untimed head runs per configuration before the timed ones")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="head dtype (default: float32 CPU, bfloat16 GPU)")
     p.add_argument("--json", type=Path, help="also write the records to this path as a JSON list")
+    p.add_argument("--jsonl", type=Path, help="append each record to this file as soon as it is measured")
     p.add_argument("--out-dir", type=Path, default=HERE / "results", help="where the .json/.md/.png go")
     p.add_argument("--no-plot", action="store_true", help="skip the .png")
     p.add_argument("--report", type=Path, metavar="JSON", help="re-render the .md/.png of an earlier run's .json")
@@ -362,6 +364,8 @@ def build_sweep(args, device: str) -> sw.Sweep:
         sweep.step_steps = args.steps
     if args.runs:
         sweep.runs = args.runs
+    if args.warmup is not None:
+        sweep.warmup = args.warmup
     return sweep
 
 
@@ -422,12 +426,14 @@ def main(argv=None) -> int:
             for rec in run_head_case(runner, case, info, dtype, sweep.warmup, sweep.runs):
                 records.append(rec)
                 runner.say(report.one_line(rec))
+                append_jsonl(args.jsonl, rec)
         judge_head(records, check, dtype, runner.say)
     if steps:
         vocab = args.step_vocab or sw.STEP_MODEL["vocab"]
         for rec in run_steps(runner, steps, info, sweep, vocab):
             records.append(rec)
             runner.say(report.one_line(rec))
+            append_jsonl(args.jsonl, rec)
     runner.bar.close()
     meta = dict(
         info,
@@ -446,6 +452,14 @@ def main(argv=None) -> int:
     )
     write_outputs(args, info, records, meta)
     return 0
+
+
+def append_jsonl(path: Path | None, rec: dict) -> None:
+    """Keep what is measured even if the run is cut short (a time cap on a lent GPU)."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
 
 
 def write_outputs(args, info: dict, records: list[dict], meta: dict) -> None:

@@ -12,12 +12,15 @@ import importlib.util
 import re
 from dataclasses import dataclass, field
 
-# (hidden, vocab) of the lm_head of real models, plus the CPU performance-goal shape of issue 4.
+# (hidden, vocab) of the lm_head of real models (issue 11's GPU targets: Qwen2.5-0.5B, Llama-3.2-1B and the 7B/8B
+# shapes), plus the CPU performance-goal shape of issue 4.
 MODEL_SHAPES = {
     "qwen2.5-0.5b": (896, 151936),
     "qwen2.5-1.5b": (1536, 151936),
     "llama-3.2-1b": (2048, 128256),
     "gemma-3-1b": (1152, 262144),
+    "qwen2.5-7b": (3584, 152064),
+    "llama-3.1-8b": (4096, 128256),
     "cpu-h256": (256, 151936),
 }
 

@@ -138,6 +138,10 @@ class TileOps:
     def grad_tile(self, spec: GradSpec, rows: slice, v0: int, v1: int, scratch: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def backward_plan(self, n: int, vocab: int, hidden: int, budget_bytes: int) -> tuple[int, int]:
+        """Rows × columns of a backward tile (`tile_bytes_per_element` bytes each, within the budget)."""
+        return plan_tiles(n, vocab, hidden, budget_bytes, self.tile_bytes_per_element)
+
 
 class BucketTerms(NamedTuple):
     div: torch.Tensor  # (N,) D
@@ -255,7 +259,7 @@ def linear_backward(
     h, weight = spec.h, spec.weight
     n, hidden = h.shape
     vocab = weight.shape[0]
-    rows_per_tile, cols_per_tile = plan_tiles(n, vocab, hidden, budget_bytes, ops.tile_bytes_per_element)
+    rows_per_tile, cols_per_tile = ops.backward_plan(n, vocab, hidden, budget_bytes)
     h_op = gemm_operand(h)
     acc = accumulation_dtype(h)
     grad_h = torch.empty(n, hidden, dtype=acc, device=h.device) if need_dh else None

@@ -3,13 +3,14 @@
 This is what TRL's experimental SDPOTrainer and the other SDPO implementations do. It is the
 readable baseline for benchmarks and a second oracle in tests; it needs O(N·V) memory. Two details
 keep it exact where a plain port is not (issue 14): log-probs are (z − max) − log Σ exp(z − max), never
-z − (max + log Σ …) (that sum rounds at |z| ~ 1e4), and the tail bucket is the logsumexp over the
-log-probs *outside* the top-K, never log(1 − top-K mass).
+z − (max + log Σ …) (that sum rounds at |z| ~ 1e4), the tail bucket is the logsumexp over the
+log-probs *outside* the top-K, never log(1 − top-K mass), and top-K ties go to the lower id.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .buckets import divergence, topk_divergence
 
@@ -21,22 +22,29 @@ def _full_logits(h: torch.Tensor, weight: torch.Tensor, inv_temp: float) -> torc
 
 
 def log_softmax(z: torch.Tensor) -> torch.Tensor:
-    """(z − m) − log Σ exp(z − m) with m the detached row max: z − m is exact near the max."""
-    shifted = z - z.detach().amax(dim=-1, keepdim=True)
-    return shifted - torch.logsumexp(shifted, dim=-1, keepdim=True)
+    """(z − max) − log Σ exp(z − max): PyTorch's log_softmax subtracts in that order on the CPU and on CUDA, so
+    z − max is exact near the max (tests/test_head.py checks the ±1e4 regime)."""
+    return F.log_softmax(z, dim=-1)
 
 
 def topk_ids(log_probs: torch.Tensor, k: int) -> torch.Tensor:
     """The K largest per row; ties prefer the lower vocabulary id (torch.topk leaves tie order unspecified).
 
-    Everything above the K-th value is in; the remaining slots go to the lowest ids equal to it.
+    Rows whose K-th and (K+1)-th values tie are redone: everything above the K-th value is in, and the remaining
+    slots go to the lowest ids equal to it.
     """
-    kth = torch.topk(log_probs, k, dim=-1).values[..., -1:]
-    above = log_probs > kth
-    tied = log_probs == kth
-    free = k - above.sum(dim=-1, keepdim=True)
-    chosen = above | (tied & (torch.cumsum(tied, dim=-1) <= free))
-    return chosen.nonzero()[:, 1].view(log_probs.shape[0], k)  # ascending ids; bucket order does not matter
+    vals, idx = torch.topk(log_probs, min(k + 1, log_probs.shape[-1]), dim=-1)
+    if vals.shape[-1] == k:
+        return idx
+    idx = idx[:, :k].clone()
+    tied_rows = (vals[:, k - 1] == vals[:, k]).nonzero().squeeze(1)
+    if tied_rows.numel():
+        rows = log_probs[tied_rows]
+        kth = vals[tied_rows, k - 1 : k]
+        tied = rows == kth
+        chosen = (rows > kth) | (tied & (torch.cumsum(tied, dim=-1) <= k - (rows > kth).sum(-1, keepdim=True)))
+        idx[tied_rows] = chosen.nonzero()[:, 1].view(-1, k)  # ascending ids; bucket order does not matter
+    return idx
 
 
 def naive_head(h_s, w_s, h_t, w_t, targets, *, topk, add_tail, alpha, inv_temp):

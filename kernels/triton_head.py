@@ -17,6 +17,12 @@ Per bounded tile (rows × vocabulary columns) cuBLAS computes h @ Wᵀ into an f
 
 Launch configurations are fixed per kernel (`CONFIGS`, compiled ahead of time for sm_75…sm_90 by
 kernels/compile_report.py); under TRITON_INTERPRET=1 small blocks run on the CPU.
+
+Choices left out, and why: the K winners' logits are read from the fp32 tile, exactly the values the normaliser
+summed, so they need no recompute as K dots (a bf16 tile would halve the tile traffic but need that recompute and
+lose the exact tail). No tile of dz is skipped as negligible (Cut Cross-Entropy's filter): every entry counts
+towards the 1e−5 oracle tolerance. The gradient is not formed in the forward (Liger/QuACK style): dz needs the
+row's final top-K and normaliser, known only after the last tile, so it would need all the row's logits kept.
 """
 
 from __future__ import annotations
@@ -171,7 +177,7 @@ class TritonTiles(TileOps):
         return best
 
     @staticmethod
-    def _finish_topk(run_max, run_sum, target, count, keys, k, chunk: int = 8192) -> Stats:
+    def _finish_topk(run_max, run_sum, target, count, keys, k, chunk: int = 4096) -> Stats:
         """The top-K from the candidate buffer, and the losing candidates added to the tail sum."""
         row_max, tail = _merge_splits(run_max, run_sum)
         n, cap = keys.shape
@@ -209,7 +215,9 @@ class TritonTiles(TileOps):
         top = None if top_idx is None else torch.zeros(n, k, device=dev)
         ids = None if top_idx is None else top_idx.contiguous()
         buffer = torch.empty(rows * cols, device=dev)
-        dummy = torch.empty(1, device=dev)
+        # the MODE_LSE sweep ignores the top-K arguments; typed like the real ones, it compiles as in the report
+        unused = (torch.empty(1, device=dev), torch.empty(1, device=dev), 0, torch.empty(1, dtype=torch.int32, device=dev),
+                  torch.empty(1, dtype=torch.int64, device=dev), 0)  # fmt: skip
         for r0 in range(0, n, rows):
             r1 = min(n, r0 + rows)
             for v0 in range(0, vocab, cols):
@@ -222,7 +230,7 @@ class TritonTiles(TileOps):
                     )  # fmt: skip
                 launch(
                     "sweep", (r1 - r0, splits), tile, width, width, v0, r0, opts.inv_temp, targets, target, run_max,
-                    run_sum, splits, per_split, dummy, dummy, 0, dummy, dummy, 0, MODE=MODE_LSE, TARGET=top is None,
+                    run_sum, splits, per_split, *unused, MODE=MODE_LSE, TARGET=top is None,
                 )  # fmt: skip
         row_max, total = _merge_splits(run_max, run_sum)
         if top is None:
@@ -256,6 +264,16 @@ class TritonTiles(TileOps):
         return div.sum(dim=1), part.sum(dim=1)
 
     # ------------------------------------------------------------------ backward
+
+    def backward_plan(self, n: int, vocab: int, hidden: int, budget_bytes: int) -> tuple[int, int]:
+        """As square as the budget allows: dh (N × H, fp32) is read and written once per vocabulary chunk and dW
+        (V × H, fp32) once per row chunk, so that traffic is 8·H·N·V·(1/cols + 1/rows) bytes: least when equal."""
+        elements = max(budget_bytes // self.tile_bytes_per_element, 1024)
+        quantum = 32 if interpreting() else 256
+        side = max(quantum, math.isqrt(elements) // quantum * quantum)
+        rows = min(n, side)
+        cols = min(vocab, max(quantum, elements // max(rows, 1) // quantum * quantum))
+        return max(rows, 1), cols
 
     def grad_tile(self, spec: GradSpec, rows: slice, v0: int, v1: int, scratch: torch.Tensor) -> torch.Tensor:
         h = _operands(spec.h, spec.weight)

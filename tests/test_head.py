@@ -331,6 +331,25 @@ def test_the_backend_names_have_one_home():
     assert config.BACKENDS is head.BACKENDS is constants.BACKENDS
 
 
+def test_kernels_depend_on_nothing_in_sdpo_fast_and_constants_on_nothing_heavy():
+    import ast
+    from pathlib import Path
+
+    kernels = Path(__file__).resolve().parents[1] / "kernels"
+    for path in kernels.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert node.level <= 1 and not (node.module or "").startswith("sdpo_fast"), (
+                    f"{path.name}: {node.module}"
+                )
+            elif isinstance(node, ast.Import):
+                assert not any(a.name.startswith("sdpo_fast") for a in node.names), path.name
+    tree = ast.parse((kernels / "constants.py").read_text())
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert imported <= {"os", "__future__"}  # sdpo_fast.config imports it: no torch, no triton
+
+
 class _FakePartitionedWeight:
     """A ZeRO-3-like parameter: its `.data` is an empty placeholder except inside `gather()`."""
 

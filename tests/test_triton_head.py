@@ -105,6 +105,19 @@ def test_exact_tails_full_vocabulary_and_many_tiles():
     assert_exact("triton", inputs, topk=3, add_tail=True, alpha=0.0, temperature=2.0, budget_mb=0.002)
 
 
+def test_many_row_chunks_and_vocabulary_tiles():
+    # 40 rows in chunks of 16 (the last one partial) × 4 vocabulary tiles, each chunk with its own max pre-pass
+    inputs = exact_inputs(40, 200, 9, 14, 1e4, ties=True, seed=6)
+    assert_exact("triton", inputs, topk=9, add_tail=True, alpha=0.5, budget_mb=0.002)
+
+
+def test_teacher_with_a_different_hidden_size():
+    # the trust-region teacher concatenates two hidden states: H_T = 2·H
+    assert_matches_oracle(
+        "triton", 9, 8, 150, topk=6, add_tail=True, alpha=0.5, teacher_h=16, dtype=torch.float32, tol=FP32_TOL
+    )
+
+
 def test_candidate_overflow_falls_back_exactly(monkeypatch):
     """Ascending logits beat every threshold: rows whose candidates overflow the buffer are redone exactly."""
     from sdpo_fast.kernels.chunked import TorchTiles

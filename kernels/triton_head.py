@@ -103,6 +103,19 @@ def _alpha_args(alpha: float) -> tuple[float, float, float, int]:
     return alpha, math.log1p(-alpha), math.log(alpha), 2
 
 
+def top_and_losers(keys: torch.Tensor, count: torch.Tensor, k: int, row_max: torch.Tensor):
+    """The K best candidate keys of each row, and Σ exp(z − row_max) over the other valid candidates.
+
+    Sorted, not just top-K'd: the atomic compaction leaves candidates in a run-dependent order, and the losers must
+    be summed in a fixed one, so that a row's log-probs are bit-identical from run to run (the trainer's old-log-prob
+    scorer relies on it for an importance ratio of exactly 1). Keys are unique; empty slots (INT64_MIN) sort last.
+    """
+    ordered = torch.sort(keys, dim=1, descending=True).values
+    lost = torch.arange(k, keys.shape[1], device=keys.device) < count.unsqueeze(1)
+    values = decode_keys(ordered[:, k:])[0]
+    return ordered[:, :k], torch.where(lost, torch.exp(values - row_max.unsqueeze(1)), 0.0).sum(dim=1)
+
+
 def _merge_splits(run_max: torch.Tensor, run_sum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One (max, Σ exp(z − max)) per row from the per-split partials (a split may have seen nothing: −inf)."""
     row_max = run_max.amax(dim=1)
@@ -180,17 +193,14 @@ class TritonTiles(TileOps):
     def _finish_topk(run_max, run_sum, target, count, keys, k, chunk: int = 4096) -> Stats:
         """The top-K from the candidate buffer, and the losing candidates added to the tail sum."""
         row_max, tail = _merge_splits(run_max, run_sum)
-        n, cap = keys.shape
+        n = keys.shape[0]
         top_vals = torch.empty(n, k, device=keys.device)
         top_idx = torch.empty(n, k, dtype=torch.int64, device=keys.device)
-        slots = torch.arange(cap, device=keys.device)
         for r0 in range(0, n, chunk):
             rows = slice(r0, min(n, r0 + chunk))
-            best, pos = torch.topk(keys[rows], k, dim=1)
+            best, lost_sum = top_and_losers(keys[rows], count[rows], k, row_max[rows])
             top_vals[rows], top_idx[rows] = decode_keys(best)
-            lost = (slots < count[rows].unsqueeze(1)).scatter_(1, pos, False)
-            values = decode_keys(keys[rows])[0]
-            tail[rows] += torch.where(lost, torch.exp(values - row_max[rows].unsqueeze(1)), 0.0).sum(dim=1)
+            tail[rows] += lost_sum
         row_max, log_sum, log_tail = finish_normaliser(row_max, tail, top_vals)
         return Stats(row_max, log_sum, target, top_vals, top_idx, log_tail)
 

@@ -190,3 +190,34 @@ def test_trainer_step_on_cuda_uses_the_fused_head(tmp_path):
     assert logs and all(torch.isfinite(torch.tensor(h["sdpo/loss"])) for h in logs)
     moved = sum(float((p.detach() - b).abs().sum()) for p, b in zip(trainer.ref_model.parameters(), before))
     assert moved > 0  # the EMA teacher moved
+
+
+def test_one_scorer_gives_an_exact_first_pass_ratio_in_bf16_on_cuda(tmp_path, monkeypatch):
+    """bf16 autocast on the GPU, TRL's scorer replaced by a bf16-rounding stand-in: the first pass is still exact.
+
+    Also times the re-scoring pass against the whole step (the one scorer's cost; printed with -s).
+    """
+    import time
+
+    from test_dropin import _first_pass_log_ratios
+    from tiny_setup import make_trainer
+
+    trainer = make_trainer(tmp_path, use_cpu=False, bf16=True, max_steps=2, num_iterations=2)
+    real = trainer._rescore_old_logps
+    spent = []
+
+    def timed(inputs):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        real(inputs)
+        torch.cuda.synchronize()
+        spent.append(time.perf_counter() - t0)
+
+    monkeypatch.setattr(trainer, "_rescore_old_logps", timed)
+    t0 = time.perf_counter()
+    seen = _first_pass_log_ratios(trainer, monkeypatch)
+    total = time.perf_counter() - t0
+    assert torch.equal(seen[0], torch.zeros_like(seen[0])) and seen[1].abs().max() > 0
+    print(
+        f"one scorer: {sum(spent) * 1e3:.1f} ms re-scoring in {total * 1e3:.0f} ms of training ({len(spent)} batches)"
+    )

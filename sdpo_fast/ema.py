@@ -104,11 +104,18 @@ def ema_update(
 
 
 def _lerp_stochastic(t: torch.Tensor, s: torch.Tensor, rate: float, generator: torch.Generator | None) -> None:
+    if generator is not None and generator.device.type != t.device.type:  # e.g. a CPU-offloaded teacher shard
+        generator = _generator_on(t.device, generator)
     flat_t, flat_s = t.view(-1), s.reshape(-1)
     for start in range(0, flat_t.numel(), _SR_CHUNK):
         chunk = slice(start, start + _SR_CHUNK)
         updated = flat_t[chunk].float().lerp_(flat_s[chunk].to(device=t.device, dtype=torch.float32), rate)
         flat_t[chunk] = stochastic_round(updated, t.dtype, generator)
+
+
+def _generator_on(device: torch.device, like: torch.Generator) -> torch.Generator:
+    """A generator on `device` seeded like `like` (seeded alike on every rank, so replicas stay identical)."""
+    return torch.Generator(device=device).manual_seed(like.initial_seed())
 
 
 def ema_period(num_iterations: int, steps_per_generation: int, gradient_accumulation_steps: int) -> int:

@@ -54,11 +54,15 @@ class NonFiniteStepGuard(TrainerCallback):
         drop_gradients: Callable[[], None],
         all_reduce_flag: Callable[[bool], bool] | None = None,
         loss_scaling: bool = False,
+        optimizer_skipped: Callable[[], bool] | None = None,
     ):
         self.named_gradients = named_gradients
         self.drop_gradients = drop_gradients
         self.all_reduce_flag = all_reduce_flag or (lambda flag: flag)
         self.loss_scaling = loss_scaling
+        # DeepSpeed keeps gradients in its own buffers (p.grad is None) and steps inside `backward`, before this
+        # callback: there its own overflow check is the verdict, which this reads.
+        self.optimizer_skipped = optimizer_skipped
         self.skipped_at: list[int] = []
         self._verdict: tuple[int, bool, list[str]] | None = None
         self._warned = False
@@ -72,6 +76,8 @@ class NonFiniteStepGuard(TrainerCallback):
                 norms = torch._foreach_norm([g for _, g in named])
                 finite = torch.isfinite(torch.stack([n.float().to(norms[0].device) for n in norms]))
                 bad = [name for (name, _), ok in zip(named, finite.tolist()) if not ok]
+            if not named and self.optimizer_skipped is not None and self.optimizer_skipped():
+                bad = ["(the optimizer's own overflow check: it skipped the step)"]
             self._verdict = (step, self.all_reduce_flag(not bad), bad)
         return self._verdict[1], self._verdict[2]
 
@@ -187,7 +193,8 @@ def load_teacher(checkpoint: str) -> dict:
             "SDPO: %s has no %s (written before sdpo-fast 0.2); loading %s unverified.", checkpoint, MANIFEST_FILE, path
         )
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        # mmap: every rank reads the file, and none needs a second copy of the teacher in host memory for it
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # truncated zip, empty file, unpickling garbage
         raise TeacherCheckpointError(
             f"The SDPO teacher file {path} cannot be read ({type(err).__name__}: {err}). {_choices(checkpoint)}"
@@ -227,13 +234,18 @@ def read_manifest(checkpoint: str) -> dict | None:
 
 
 def checkpoint_is_peft(checkpoint: str) -> bool:
-    """A checkpoint HF saved from a PEFT model holds an adapter, not the full weights."""
-    return os.path.exists(os.path.join(checkpoint, "adapter_config.json"))
+    """A checkpoint HF saved from a PEFT model holds an adapter (PEFT saves one not named "default" a level down)."""
+    if os.path.exists(os.path.join(checkpoint, "adapter_config.json")):
+        return True
+    return any(os.path.exists(os.path.join(checkpoint, d, "adapter_config.json")) for d in os.listdir(checkpoint))
 
 
 def check_checkpoint_matches(checkpoint: str, *, peft: bool, kind: str) -> None:
     """Fail before HF loads anything when the checkpoint was saved by a differently configured run."""
-    saved_peft = checkpoint_is_peft(checkpoint)
+    manifest = read_manifest(checkpoint)
+    saved_peft = (
+        bool(manifest["peft"]) if manifest is not None and "peft" in manifest else checkpoint_is_peft(checkpoint)
+    )
     if saved_peft != peft:
         saved, this = (
             ("a LoRA/PEFT adapter", "the full model") if saved_peft else ("the full model", "a LoRA/PEFT adapter")
@@ -243,7 +255,6 @@ def check_checkpoint_matches(checkpoint: str, *, peft: bool, kind: str) -> None:
             f"The checkpoint {checkpoint} holds {saved} but this run trains {this}. {fix} as the run that saved it, "
             "or start a new run without resume_from_checkpoint."
         )
-    manifest = read_manifest(checkpoint)
     if manifest is not None and manifest.get("kind") != kind:
         raise ValueError(
             f"The checkpoint {checkpoint} holds an SDPO teacher of kind {manifest.get('kind')!r} but this run's is "

@@ -39,8 +39,12 @@ class SDPORequest:
 
 
 def router_aux_loss(model, router_logits, attention_mask) -> torch.Tensor:
-    """The architecture's own load-balancing loss, from its modeling module (Mixtral, Qwen3-MoE, GPT-OSS, …)."""
-    func = getattr(sys.modules[type(model).__module__], "load_balancing_loss_func", None)
+    """The architecture's own load-balancing loss, from its modeling module (Mixtral, Qwen3-MoE, GPT-OSS, …).
+
+    Looked up along the class's MRO: FSDP2 turns the model's class into a generated subclass in torch's module.
+    """
+    modules = (sys.modules.get(cls.__module__) for cls in type(model).__mro__)
+    func = next((m.load_balancing_loss_func for m in modules if hasattr(m, "load_balancing_loss_func")), None)
     if func is None or router_logits is None:
         raise NotImplementedError(
             f"{type(model).__name__} has `output_router_logits` but SDPO cannot find its load-balancing loss "
@@ -123,6 +127,11 @@ def check_head_compatible(model, topk: int | None) -> None:
     head = model.get_output_embeddings()
     if head is None or getattr(head, "bias", None) is not None:
         raise NotImplementedError("The SDPO head needs a bias-free lm_head (`model.get_output_embeddings()`).")
+    if hasattr(head, "lora_A") or hasattr(head, "base_layer"):  # a PEFT tuner layer: its delta is not in .weight
+        raise NotImplementedError(
+            "The fused SDPO head reads lm_head.weight directly, so a LoRA adapter on lm_head would be ignored. Leave "
+            "lm_head out of LoraConfig.target_modules, or train it whole with modules_to_save=['lm_head']."
+        )
     vocab = param_shape(head.weight)[0]
     if topk is not None and topk > vocab:
         raise ValueError(

@@ -69,6 +69,7 @@ def _teacher_kwargs(ids: torch.Tensor, att: torch.Tensor) -> dict[str, torch.Ten
 # ---------------------------------------------------------------------------------------------- the trainer
 
 
+_LEGACY_TEACHER_ADAPTER = "sdpo_teacher"  # v0.1.0's LoRA teacher adapter
 # Keywords of TRL's `_get_per_token_logps_and_entropies` that are options rather than extra (e.g. image) inputs.
 _SCORER_OPTIONS = ("batch_size", "compute_entropy", "compute_aux_loss")
 
@@ -188,6 +189,9 @@ class _SDPOTrainerMixin:
             self._drop_student_gradients,
             all_reduce_flag=self._all_ranks_true,
             loss_scaling=bool(self.args.fp16),
+            optimizer_skipped=(lambda: self.accelerator.optimizer_step_was_skipped)
+            if self.is_deepspeed_enabled
+            else None,
         )
         self.add_callback(self.step_guard)
         self._add_ema_callback()
@@ -258,11 +262,14 @@ class _SDPOTrainerMixin:
         bad = torch.tensor([0.0 if flag else 1.0], device=self.accelerator.device)
         return float(self.accelerator.reduce(bad, reduction="sum")) == 0.0
 
+    def _ema_generator(self) -> torch.Generator:
+        return torch.Generator(device=self.accelerator.device).manual_seed(self.args.seed + self.state.global_step)
+
     @torch.no_grad()
     def _ema_update(self) -> None:
         # Stochastic rounding of a low-precision teacher draws from a generator seeded alike on every rank, so
         # replicated teachers stay identical (the global RNG has been consumed differently by each rank's sampling).
-        generator = torch.Generator(device=self.accelerator.device).manual_seed(self.args.seed + self.state.global_step)
+        generator = self._ema_generator()
         if not self._all_ranks_true(_all_finite(self.model.parameters())):  # never blend a broken student in
             self._warn_once(
                 "nonfinite_student",
@@ -717,6 +724,8 @@ class _SDPOTrainerMixin:
             return
         if not os.path.basename(os.path.normpath(output_dir)).startswith(PREFIX_CHECKPOINT_DIR):
             return
+        if not (self.args.should_save or self.teacher.lockstep):
+            return  # a replicated teacher: only the saving process needs a copy (the others would each hold one)
         state = self.teacher.state_dict()  # a collective under FSDP2 / ZeRO-3: every rank takes part
         if self.args.should_save:
             save_teacher(output_dir, self.teacher.kind, state, peft=is_peft_model(self.model))
@@ -741,7 +750,7 @@ class _SDPOTrainerMixin:
                 "its EMA history is not used.",
                 checkpoint,
             )
-            self.teacher.copy_student(self.model)
+            self.teacher.copy_student(self.model, self._ema_generator())
             return
         if source == "initial":
             logger.warning(
@@ -758,6 +767,11 @@ class _SDPOTrainerMixin:
             )
         with torch.no_grad():
             self.teacher.load_state_dict(saved["state"])
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if is_peft_model(unwrapped) and _LEGACY_TEACHER_ADAPTER in unwrapped.peft_config:
+            # v0.1.0 saved its teacher as a second adapter, which HF has just loaded back from the checkpoint: the
+            # snapshot now holds it, and a second adapter is exactly what must not be in the model.
+            unwrapped.delete_adapter(_LEGACY_TEACHER_ADAPTER)
 
 
 def _all_finite(params) -> bool:

@@ -160,7 +160,7 @@ def check_demonstrations_cross_ranks(results: list[dict]) -> None:
         assert r["sdpo_num_seqs"] == 4.0 and r["sdpo_num_active_seqs"] == 4.0
 
 
-def check_step(results: list[dict]) -> None:
+def check_step(results: list[dict], kind: str = "full-copy") -> None:
     """Both ranks ran one step with a finite, positive loss; weights agree; the EMA teacher moved exactly."""
     t0, t1 = (r["tensors"] for r in results)
     for r in results:
@@ -179,7 +179,7 @@ def check_step(results: list[dict]) -> None:
     # the step's checkpoint (written by rank 0 only) holds that EMA teacher, gathered whole
     checkpoint = results[0]["checkpoint_teacher"]
     assert checkpoint is not None and results[1]["checkpoint_teacher"] is None
-    assert checkpoint["kind"] == "full-copy" and checkpoint["missing"] == [] and checkpoint["max_diff"] == 0.0
+    assert checkpoint["kind"] == kind and checkpoint["missing"] == [] and checkpoint["max_diff"] == 0.0
 
 
 def check_same_as_ddp(results: list[dict], ddp: list[dict]) -> None:
@@ -331,3 +331,48 @@ def test_zero3_teacher_of_a_model_loaded_under_zero_init_saves_and_resumes(tmp_p
     for r, first in zip(resumed, results):
         assert r["global_step"] == 2
         assert torch.equal(r["tensors"]["teacher_at_resume"], first["tensors"]["teacher_after"])
+
+
+def test_zero3_trust_region_teacher_trains(tmp_path_factory):
+    """The live student's lm_head is read outside its forward: the trust-region blend must gather it itself."""
+    _require_deepspeed()
+    results = _train(tmp_path_factory, "zero3-trust")
+    t0, t1 = (r["tensors"] for r in results)
+    for r in results:
+        assert len(r["losses"]) == 1 and math.isfinite(r["losses"][0]) and r["ema_fired_at"] is None
+    assert (
+        torch.equal(t0["student_after"], t1["student_after"])
+        and (t0["student_after"] - t0["student_before"]).abs().max() > 0
+    )
+    assert torch.equal(t0["teacher_after"], t0["teacher_before"])  # the frozen initial model
+
+
+def test_zero3_nonfinite_step_is_counted_and_skips_the_ema(tmp_path_factory):
+    """DeepSpeed keeps gradients in its own buffers and skips an overflowing step itself: SDPO reads its verdict."""
+    _require_deepspeed()
+    results = _train(tmp_path_factory, "zero3-nan")
+    for r in results:
+        assert r["skipped_steps"] == [1] and r["ema_fired_at"] == []
+        t = r["tensors"]
+        assert torch.equal(t["student_after"], t["student_before"]) and torch.equal(
+            t["teacher_after"], t["teacher_before"]
+        )
+
+
+# ---------------------------------------------------------------------------------------------- LoRA
+
+
+@pytest.fixture(scope="module")
+def ddp_lora_run(tmp_path_factory):
+    return _train(tmp_path_factory, "ddp-lora")
+
+
+def test_lora_snapshot_teacher_under_ddp(ddp_lora_run):
+    check_step(ddp_lora_run, kind="lora-snapshot")
+
+
+def test_lora_snapshot_teacher_under_fsdp2_matches_ddp(tmp_path_factory, ddp_lora_run):
+    """FSDP2 replaces every parameter by a DTensor at prepare time: the snapshot follows them, shard by shard."""
+    results = _train(tmp_path_factory, "fsdp2-lora")
+    check_step(results, kind="lora-snapshot")
+    check_same_as_ddp(results, ddp_lora_run)

@@ -289,3 +289,31 @@ def test_vllm_importance_weights_use_the_heads_numerics(tmp_path, monkeypatch):
     _, _, score_mask = trainer._loss_masks(batch)
     torch.testing.assert_close(scored[score_mask], exact[score_mask], rtol=0, atol=1e-6)
     assert not torch.isnan(exact).any()
+
+
+def test_moe_aux_loss_found_through_a_wrapper_class():
+    """FSDP2 turns the model's class into a generated subclass that lives in torch's module."""
+    m = tiny_moe().eval()
+    ids = torch.randint(5, 60, (2, 9))
+    with torch.no_grad():
+        expected = m(input_ids=ids, output_router_logits=True).aux_loss
+    m.__class__ = type("FSDPQwen3MoeForCausalLM", (type(m),), {"__module__": "torch.distributed.fsdp._fully_shard"})
+    add_sdpo_forward(m)
+    with torch.no_grad():
+        _, aux = m(input_ids=ids, sdpo=SDPORequest(4, router_aux=True))
+    torch.testing.assert_close(aux, expected, rtol=0, atol=0)
+
+
+def test_a_lora_adapter_on_lm_head_is_refused_with_the_fix(tmp_path):
+    """TRL 1.15-1.16 refuse it themselves; SDPO's own check covers trainers that don't (Unsloth's patched copy)."""
+    peft = pytest.importorskip("peft")
+    from sdpo_fast.forward import check_head_compatible
+
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"], lora_dropout=0.0)
+    with pytest.raises(ValueError, match="lm_head"):
+        make_trainer(tmp_path, model_=peft.get_peft_model(model(), lora))
+    wrapped = peft.get_peft_model(model(), lora)
+    with pytest.raises(NotImplementedError, match=r"LoRA adapter on lm_head would be ignored.*modules_to_save"):
+        check_head_compatible(wrapped.get_base_model(), 10)
+    saved = peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    check_head_compatible(peft.get_peft_model(model(), saved).get_base_model(), 10)  # a whole trained copy is fine

@@ -272,3 +272,48 @@ def test_lora_teacher_checkpoint_resumes_exactly(tmp_path):
     resumed.add_callback(at_start)
     resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     assert all(torch.equal(at_start.snapshot[n], saved[n]) for n in saved)
+
+
+def test_a_v010_lora_checkpoint_resumes_without_bringing_back_the_second_adapter(tmp_path):
+    """v0.1.0 saved its LoRA teacher as an adapter `sdpo_teacher/` in the checkpoint, which HF loads back."""
+    import shutil
+
+    trainer = _ckpt_trainer(tmp_path, max_steps=1, peft_config=_lora())
+    trainer.train()
+    ckpt = tmp_path / "checkpoint-1"
+    saved = torch.load(ckpt / TEACHER_FILE, weights_only=True)
+    legacy = {n.replace(".default.", ".sdpo_teacher."): t * 2.0 for n, t in saved["state"].items()}
+    torch.save({"kind": "adapter", "state": legacy}, ckpt / TEACHER_FILE)
+    (ckpt / MANIFEST_FILE).unlink()
+    (ckpt / "sdpo_teacher").mkdir()
+    for f in ("adapter_model.safetensors", "adapter_config.json"):
+        shutil.copy(ckpt / f, ckpt / "sdpo_teacher" / f)
+    resumed = _ckpt_trainer(tmp_path / "again", max_steps=2, peft_config=_lora())
+
+    class AtStart(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            self.adapters = list(resumed.model.peft_config)
+            self.snapshot = {n: t.clone() for n, t in resumed.teacher.snapshot.items()}
+
+    at_start = AtStart()
+    resumed.add_callback(at_start)
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    assert at_start.adapters == ["default"] and not any("teacher" in k for k in resumed.model.state_dict())
+    assert all(torch.equal(at_start.snapshot[n], 2.0 * saved["state"][n]) for n in saved["state"])
+    assert not (tmp_path / "again" / "checkpoint-2" / "sdpo_teacher").exists()
+
+
+def test_a_differently_named_adapter_is_recognised_as_peft(tmp_path):
+    """PEFT saves an adapter not named "default" one directory down; the manifest says PEFT either way."""
+    import peft
+
+    from sdpo_fast.faults import check_checkpoint_matches
+
+    model = peft.get_peft_model(__import__("tiny_setup").model(), _lora(), adapter_name="policy")
+    trainer = _ckpt_trainer(tmp_path, max_steps=1, model_=model)
+    trainer.train()
+    ckpt = tmp_path / "checkpoint-1"
+    assert (ckpt / "policy" / "adapter_config.json").exists()
+    check_checkpoint_matches(str(ckpt), peft=True, kind="lora-snapshot")
+    (ckpt / MANIFEST_FILE).unlink()
+    check_checkpoint_matches(str(ckpt), peft=True, kind="lora-snapshot")  # without a manifest: one level down

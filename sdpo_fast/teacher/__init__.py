@@ -50,7 +50,7 @@ def build_teacher(student, sdpo_config, accelerator) -> Teacher:
     """The teacher kind for this student and parallel layout, EMA-updated at `teacher_update_rate` or frozen."""
     layout = parallelism(accelerator)
     if is_peft_model(student):
-        teacher = LoraSnapshotTeacher(student, accelerator)
+        teacher = LoraSnapshotTeacher(student, accelerator, lockstep=layout == "fsdp2")
     else:
         dtype = teacher_dtype(sdpo_config.teacher_dtype, student.dtype)
         kind = {"zero3": Zero3Teacher, "fsdp2": Fsdp2Teacher}.get(layout, FullCopyTeacher)

@@ -49,11 +49,11 @@ class Teacher:
     def state_dict(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def copy_student(self, student: nn.Module) -> None:
+    def copy_student(self, student: nn.Module, generator: torch.Generator | None = None) -> None:
         """Restart the teacher as an exact copy of the student: one EMA step at rate 1 (lerp ends exactly at θ_S)."""
         rate, self.ema_rate = self.ema_rate, 1.0
         try:
-            self.ema_step(student)
+            self.ema_step(student, generator)
         finally:
             self.ema_rate = rate
 

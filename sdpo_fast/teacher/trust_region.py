@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from ..distributed import full_weight
+from ..distributed import full_weight, is_zero3_param, zero3_gathered
 from ..forward import SDPORequest, eval_mode
 from .base import Teacher
 
@@ -63,7 +63,12 @@ class TrustRegionTeacher(Teacher):
         self._shared_head: bool | None = None
 
     def _live_weight(self, model) -> torch.Tensor:
-        return full_weight(self.accelerator.unwrap_model(model).get_output_embeddings().weight).detach()
+        """The student's whole lm_head weight, read outside its module's forward (ZeRO-3: gathered and copied)."""
+        weight = self.accelerator.unwrap_model(model).get_output_embeddings().weight
+        if is_zero3_param(weight):
+            with zero3_gathered([weight]):
+                return weight.detach().clone()
+        return full_weight(weight).detach()
 
     def _shares_head(self, model) -> bool:
         """Whether frozen teacher and student read one lm_head tensor; a fixed property of the setup."""

@@ -52,7 +52,18 @@ def _force_fsdp_on_cpu() -> None:
 EMA_RATE = 0.25
 # Resume a previous run's checkpoint-1 (the same mode's checkpoint): one more step from the restored teacher.
 RESUME_FROM = os.environ.get("SDPO_RESUME_FROM")
-MODES = ("ddp", "fsdp2", "fsdp2-shard-grad-op", "fsdp2-asymmetric", "zero3", "zero3-init")
+MODES = (
+    "ddp",
+    "fsdp2",
+    "fsdp2-shard-grad-op",
+    "fsdp2-asymmetric",
+    "ddp-lora",  # LoRA: the teacher is a snapshot of the adapter (under FSDP2: of its shards)
+    "fsdp2-lora",
+    "zero3",
+    "zero3-init",
+    "zero3-trust",  # the trust-region teacher: a frozen partitioned copy blended with the live student
+    "zero3-nan",  # a non-finite loss: DeepSpeed skips the step itself, SDPO must count it and skip the EMA
+)
 # DeepSpeed ZeRO-3 on the CPU accelerator (gloo). `zero3-init` loads the model with `from_pretrained` under
 # ZeRO-3's `zero.Init`, so the student is partitioned before SDPOTrainer builds its teacher; `zero3` hands in a
 # plain model that DeepSpeed partitions when training starts.
@@ -123,7 +134,8 @@ def main(mode: str, out_dir: Path) -> None:
     model = tiny_qwen2(tok, hidden_size=32, intermediate_size=64, seed=0)  # same seed: identical on both ranks
     prompt = [{"role": "user", "content": "what is 2 plus 3?"}]
     dataset = Dataset.from_dict({"prompt": [prompt] * 4, "answer": ["5"] * 4})
-    if mode == "ddp":
+    lora = mode.endswith("-lora")
+    if mode.startswith("ddp"):
         distributed = {"ddp_backend": "gloo"}
     elif mode.startswith("zero3"):
         distributed = {"deepspeed": ZERO3}
@@ -153,7 +165,10 @@ def main(mode: str, out_dir: Path) -> None:
     )
     asymmetric = mode == "fsdp2-asymmetric"
     sdpo = SDPOConfig(
-        distillation_topk=10, teacher_update_rate=EMA_RATE, teacher_micro_batch_size=1 if asymmetric else None
+        distillation_topk=10,
+        teacher_update_rate=EMA_RATE,
+        teacher_micro_batch_size=1 if asymmetric else None,
+        teacher_regularization="trust-region" if mode == "zero3-trust" else "ema",
     )
     reward = rank0_feedback if asymmetric else rank1_succeeds
     peft_refusal = None
@@ -176,7 +191,14 @@ def main(mode: str, out_dir: Path) -> None:
             )
         except NotImplementedError as err:
             peft_refusal = str(err)
-    trainer = SDPOTrainer(model, reward, args=args, sdpo_config=sdpo, train_dataset=dataset, processing_class=tok)
+    peft_config = None
+    if lora:
+        import peft
+
+        peft_config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    trainer = SDPOTrainer(
+        model, reward, args=args, sdpo_config=sdpo, train_dataset=dataset, processing_class=tok, peft_config=peft_config
+    )
 
     generated, losses = [], []
     generate = trainer._generate_and_score_completions
@@ -190,14 +212,29 @@ def main(mode: str, out_dir: Path) -> None:
 
     def capture_loss(*a, **kw):
         loss = compute_loss(*a, **kw)
+        if mode == "zero3-nan":
+            loss = loss * float("nan")
         losses.append(float(loss.detach()))
         return loss
 
     trainer._generate_and_score_completions = capture_generation
     trainer.compute_loss = capture_loss
 
-    student_before = flat(trainer.accelerator.unwrap_model(trainer.model))
-    teacher_before = flat(trainer.ref_model)
+    def student_flat():
+        module = trainer.model if trainer.is_fsdp_enabled else trainer.accelerator.unwrap_model(trainer.model)
+        if lora:  # the adapter: what the optimizer trains and the teacher snapshots
+            named = dict(module.named_parameters())
+            return torch.cat([full(named[n]).reshape(-1).float().cpu() for n in sorted(trainer.teacher.names)])
+        return flat(module)
+
+    def teacher_flat():
+        if lora:  # whole tensors (a collective under FSDP2), in name order
+            state = trainer.teacher.state_dict()
+            return torch.cat([state[n].reshape(-1).float() for n in sorted(state)])
+        return flat(trainer.ref_model)
+
+    student_before = student_flat()
+    teacher_before = student_before.clone() if lora else teacher_flat()  # the snapshot starts as the adapter
     at_resume = {}
     if RESUME_FROM:  # the teacher as restored from the checkpoint, before the resumed step
 
@@ -209,9 +246,12 @@ def main(mode: str, out_dir: Path) -> None:
     trainer.train(resume_from_checkpoint=RESUME_FROM or None)
 
     student = trainer.model if trainer.is_fsdp_enabled else trainer.accelerator.unwrap_model(trainer.model)
-    student_after, teacher_after = flat(student), flat(trainer.ref_model)
-    teacher_module = getattr(trainer.ref_model, "module", trainer.ref_model)  # a DeepSpeed engine wraps it
-    teacher_full = {n: full(p).float().cpu() for n, p in teacher_module.named_parameters()}
+    student_after, teacher_after = student_flat(), teacher_flat()
+    if lora:
+        teacher_full = {n: t.float() for n, t in trainer.teacher.state_dict().items()}
+    else:
+        teacher_module = getattr(trainer.ref_model, "module", trainer.ref_model)  # a DeepSpeed engine wraps it
+        teacher_full = {n: full(p).float().cpu() for n, p in teacher_module.named_parameters()}
     checkpoint = None
     if trainer.args.should_save:
         last = out_dir / "run" / f"checkpoint-{trainer.state.global_step}"
@@ -233,7 +273,7 @@ def main(mode: str, out_dir: Path) -> None:
         "is_fsdp_enabled": bool(trainer.is_fsdp_enabled),
         "student_wrapper": type(trainer.model_wrapped).__name__,
         "student_sharding": sharding(student),
-        "teacher_sharding": sharding(trainer.ref_model),
+        "teacher_sharding": sharding(trainer.ref_model) if trainer.ref_model is not None else None,
         "num_generation_batches": len(generated),
         "completion_ids": batch["completion_ids"].tolist(),
         "completion_texts": tok.batch_decode(batch["completion_ids"], skip_special_tokens=True),
@@ -244,7 +284,8 @@ def main(mode: str, out_dir: Path) -> None:
         "sdpo_num_seqs": float(batch["sdpo_num_seqs"]),
         "sdpo_num_active_seqs": float(batch["sdpo_num_active_seqs"]),
         "losses": losses,
-        "ema_fired_at": trainer.ema_callback.fired_at,
+        "ema_fired_at": trainer.ema_callback.fired_at if hasattr(trainer, "ema_callback") else None,
+        "skipped_steps": trainer.step_guard.skipped_at,
         "ema_rate": EMA_RATE,
         "global_step": trainer.state.global_step,
         "checkpoint_teacher": checkpoint,

@@ -138,9 +138,9 @@ class SDPOConfig:
 
     # ------------------------------------------------------------------ the fused head
     distillation_backend: str = "auto"
-    """*(sdpo-fast)* `auto` (Triton on CUDA GPUs where Triton uses tensor cores, i.e. sm_80+; chunked
-    PyTorch elsewhere, a T4 included), `triton`, `torch`, or `naive` (full logits; for debugging and
-    benchmarks only)."""
+    """*(sdpo-fast)* `auto` (the Triton head, cuBLAS tiles plus row kernels, on every CUDA GPU from sm_75, a
+    T4 included; chunked PyTorch elsewhere and for K > 1024), `triton`, `torch`, or `naive` (full logits; for
+    debugging and benchmarks only)."""
 
     distillation_memory_budget_mb: int = 256
     """*(sdpo-fast)* Scratch memory budget of the chunked head paths, in MiB. It bounds the tile

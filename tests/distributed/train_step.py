@@ -184,10 +184,10 @@ def main(mode: str, out_dir: Path) -> None:
     elif mode == "zero3":
         import peft
 
-        lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+        probe = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
         try:
             SDPOTrainer(
-                copy.deepcopy(model), reward, args=args, train_dataset=dataset, processing_class=tok, peft_config=lora
+                copy.deepcopy(model), reward, args=args, train_dataset=dataset, processing_class=tok, peft_config=probe
             )
         except NotImplementedError as err:
             peft_refusal = str(err)

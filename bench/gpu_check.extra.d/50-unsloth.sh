@@ -3,8 +3,8 @@
 # (Unsloth 2026.10 allows no newer ones). Needs in WHEEL_DIR: unsloth, unsloth_zoo, bitsandbytes, trl==1.15.0,
 # transformers==5.17.0 and what they import that the box lacks (see bench/README.md, "The GPU check"). Runs the
 # three Unsloth tests that skip without a GPU (both import orders, the patched trainer), then FastLanguageModel in
-# 4 bit with LoRA on a tiny local Llama folder and two SDPOTrainer steps; writes unsloth.json. Over the 480 s
-# default it is skipped: run it alone with GPU_CHECK_STEPS pointing at a folder holding only this script.
+# 4 bit with LoRA on a tiny local Llama folder and two SDPOTrainer steps; writes unsloth.json. Kept out of
+# gpu_check.d (whose steps fill the 8 minutes): GPU_CHECK_STEPS=bench/gpu_check.extra.d bench/gpu_check.sh OUT WHEELS.
 set -uo pipefail
 cd "$REPO"
 if [ ! -d "$WHEEL_DIR" ] || ! ls "$WHEEL_DIR"/unsloth-*.whl >/dev/null 2>&1; then

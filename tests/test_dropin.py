@@ -34,7 +34,9 @@ def tiny_moe():
         num_key_value_heads=2,
         num_experts=4,
         num_experts_per_tok=2,
-        output_router_logits=True,
+        # False: the training forward asks for router logits itself (GRPO does the same), and transformers 5.17's
+        # Qwen3-MoE fails to generate with a KV cache when the config turns them on everywhere
+        output_router_logits=False,
         router_aux_loss_coef=0.05,
         tie_word_embeddings=True,
         pad_token_id=tok.pad_token_id,

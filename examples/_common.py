@@ -210,9 +210,16 @@ def supervised_warmup(
 
 @torch.no_grad()
 def sample_completions(
-    model, tokenizer, prompts: Sequence[Messages], *, max_new_tokens: int, greedy: bool = False, seed: int = 0
+    model,
+    tokenizer,
+    prompts: Sequence[Messages],
+    *,
+    max_new_tokens: int,
+    greedy: bool = False,
+    seed: int = 0,
+    temperature: float = 1.0,
 ) -> list[str]:
-    """Decoded completions for chat prompts (temperature 1 like the trainer's rollouts, or greedy)."""
+    """Decoded completions for chat prompts (sampled like the trainer's rollouts, at `temperature`, or greedy)."""
     torch.manual_seed(seed)
     texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
     batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
@@ -220,7 +227,7 @@ def sample_completions(
         **batch,
         max_new_tokens=max_new_tokens,
         do_sample=not greedy,
-        temperature=None if greedy else 1.0,
+        temperature=None if greedy else temperature,
         top_k=None if greedy else 0,
         top_p=None if greedy else 1.0,
         pad_token_id=tokenizer.pad_token_id,

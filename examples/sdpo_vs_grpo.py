@@ -239,9 +239,12 @@ METHODS = ("SDPO", "GRPO", "SDPO (demos only)")
 
 
 def run_method(
-    method: str, model, tokenizer, task: SecretCodes, args, *, lr: float, seed: int
+    method: str, model, tokenizer, task: SecretCodes, args, *, lr: float, seed: int, logs: list | None = None
 ) -> list[tuple[int, float]]:
-    """Train one arm from `model` (a fresh copy) and return its (generations, reward) curve."""
+    """Train one arm from `model` (a fresh copy) and return its (generations, reward) curve.
+
+    `logs`, if given, receives the trainer's logged steps (grad norms, SDPO's coverage metrics).
+    """
     from sdpo_fast import SDPOConfig, SDPOTrainer
 
     set_seed(seed)
@@ -272,7 +275,9 @@ def run_method(
         processing_class=tokenizer,
     )
     with scratch:
-        curve, _, _ = train_with_progress(trainer, desc=f"{method} lr={lr:g} seed {seed}")
+        curve, logged, _ = train_with_progress(trainer, desc=f"{method} lr={lr:g} seed {seed}")
+    if logs is not None:
+        logs.extend(logged)
     return curve
 
 
@@ -305,10 +310,21 @@ def median(values: list[int | None]) -> float | None:
     return None if math.isinf(value) else value
 
 
-COLOURS = {"SDPO,": "tab:blue", "GRPO,": "tab:orange", "SDPO (demos only),": "tab:green"}
+COLOURS = {
+    "SDPO,": "tab:blue",
+    "GRPO,": "tab:orange",
+    "SDPO (demos only),": "tab:green",
+    "GRPO (EMA-anchored),": "tab:red",
+}
 
 
-def plot(runs: dict[str, list[list[tuple[int, float]]]], target: float, window: int, path: Path) -> None:
+def plot(
+    runs: dict[str, list[list[tuple[int, float]]]],
+    target: float,
+    window: int,
+    path: Path,
+    title: str = "SDPO vs GRPO: same task, seeds and generation budget",
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -326,7 +342,7 @@ def plot(runs: dict[str, list[list[tuple[int, float]]]], target: float, window: 
     ax.set_xlabel("generations (completions sampled)")
     ax.set_ylabel(f"training reward ({window}-step mean)")
     ax.set_ylim(-0.02, 1.02)
-    ax.set_title("SDPO vs GRPO: same task, seeds and generation budget")
+    ax.set_title(title)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

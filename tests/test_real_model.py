@@ -363,3 +363,69 @@ def test_readme_snippet_runs_with_the_real_model_and_tokenizer(tmp_path, monkeyp
     logs = _sdpo_logs(trainer)  # the snippet keeps GRPOConfig's logging_steps: one record, at the end
     assert logs and all(math.isfinite(h["sdpo/loss"]) for h in logs)
     assert all(h["self_distillation/reprompt_sample_fraction"] > 0 for h in logs)
+
+
+# ---------------------------------------------------------------------------------------------- the experiment's parts
+
+
+def _real_example():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    import sdpo_vs_grpo_real
+
+    return sdpo_vs_grpo_real
+
+
+def test_experiment_task_reward_and_feedback_do_not_give_the_answer_away():
+    ex = _real_example()
+    rows = ex.make_questions(32, options=6, seed=0)
+    assert rows == ex.make_questions(32, options=6, seed=0) and len({r["question"] for r in rows}) > 20
+    for r in rows:
+        listed = r["choices"].split(",")
+        assert len(listed) == 6 and r["answer"] in listed and r["question"].endswith("? Answer with one word.")
+        assert sum(ex.CATEGORIES[c].count(w) for w in listed for c in ex.CATEGORIES if c in r["question"]) == 1
+        wrong = next(w for w in listed if w != r["answer"])
+        text = ex.feedback(wrong, r["answer"], listed)
+        shortlist = text.split("one of: ")[1].rstrip(".").split(", ")
+        assert len(shortlist) == 3 and r["answer"] in shortlist and wrong not in shortlist  # narrows 6 → 3
+        assert text == ex.feedback(wrong, r["answer"], listed)  # a function of the attempt: the same every time
+    r = rows[0]
+    listed = r["choices"].split(",")
+    wrong = next(w for w in listed if w != r["answer"])
+    completions = [f"The answer is {r['answer']}.", f"{wrong}, or maybe {r['answer']}", "I do not know"]
+    assert ex.word_reward(completions, [r["answer"]] * 3, [r["choices"]] * 3) == [1.0, 0.0, 0.0]
+    out = ex.word_reward_with_feedback(completions, [r["answer"]] * 3, [r["choices"]] * 3)
+    assert out[0] == {"score": 1.0, "feedback": None}
+    assert out[1]["feedback"].startswith(f"{wrong} is wrong.") and out[2]["feedback"].startswith("Your answer names")
+
+
+def test_anchor_callback_applies_trls_sync_rule_to_the_ref_adapter():
+    peft = pytest.importorskip("peft")
+    from tiny_setup import model as tiny_model
+    from trl.trainer.callbacks import SyncRefModelCallback
+
+    ex = _real_example()
+    policy = peft.get_peft_model(tiny_model(), peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    policy.add_adapter("ref", policy.peft_config["default"])
+    params = dict(policy.named_parameters())
+    with torch.no_grad():
+        for n, p in params.items():
+            if ".ref." in n:
+                p.normal_()
+    ref = {n: p.detach().clone() for n, p in params.items() if ".ref." in n}
+    callback = ex.SyncRefAdapter(policy, alpha=0.25, every=2)
+    from types import SimpleNamespace
+
+    callback.on_step_end(None, SimpleNamespace(global_step=1), None)
+    assert all(torch.equal(params[n], v) for n, v in ref.items())  # not a sync step
+    callback.on_step_end(None, SimpleNamespace(global_step=2), None)
+    for n, before in ref.items():
+        expected, source = before.clone(), params[n.replace(".ref.", ".default.")].detach()
+        SyncRefModelCallback._sync_target_model(
+            SimpleNamespace(parameters=lambda s=source: [s]), SimpleNamespace(parameters=lambda e=expected: [e]), 0.25
+        )
+        torch.testing.assert_close(params[n].detach(), expected)
+    with pytest.raises(ValueError, match="no 'ref' adapter"):
+        ex.SyncRefAdapter(peft.get_peft_model(tiny_model(), peft.LoraConfig(r=2, target_modules=["q_proj"])), 0.1, 1)

@@ -270,6 +270,7 @@ def run_method(
             distillation_topk=args.topk,
             distillation_alpha=args.alpha,
             teacher_update_rate=args.teacher_update_rate,
+            dont_reprompt_on_self_success=getattr(args, "dont_reprompt_on_self_success", True),
         ),
         train_dataset=task.dataset(rows=args.max_steps * prompts_per_step),
         processing_class=tokenizer,

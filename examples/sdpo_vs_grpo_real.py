@@ -1,6 +1,6 @@
 """SDPO against GRPO on a real pretrained chat model (SmolLM2-135M-Instruct, offline), LoRA, on the CPU.
 
-    python examples/sdpo_vs_grpo_real.py                          # the committed sweep (about an hour, 2 cores)
+    python examples/sdpo_vs_grpo_real.py --max-steps 12           # the committed sweep (about an hour, 2 cores)
     python examples/sdpo_vs_grpo_real.py --smoke                  # a minute: checks the plumbing only
     python examples/sdpo_vs_grpo_real.py --model Qwen/Qwen2.5-0.5B-Instruct --max-steps 100
 
@@ -286,9 +286,12 @@ def main() -> None:
     parser.add_argument("--topk", type=int, default=100)
     parser.add_argument("--teacher-update-rate", type=float, default=0.05, help="SDPO's EMA rate, and α of the anchor.")
     parser.add_argument("--beta", type=float, default=0.04, help="KL weight of the EMA-anchored GRPO control.")
+    parser.add_argument("--threads", type=int, default=min(2, torch.get_num_threads()), help="Torch CPU threads.")
+    parser.add_argument("--check-samples", type=int, default=96, help="Prompts per condition of the task check.")
     parser.add_argument("--measure-only", action="store_true", help="Measure the task, train nothing.")
     args = finish_args(parser.parse_args(), "sdpo_vs_grpo_real")
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    # On a shared CPU, one thread per run avoids OpenMP threads waiting on each other while descheduled.
+    torch.set_num_threads(args.threads)
     seeds = [args.seed + i for i in range(args.seeds or (1 if args.smoke else 2))]
     lrs = [float(x) for x in (args.learning_rates or ("1e-3" if args.smoke else "3e-4,1e-3")).split(",")]
     methods = [m.strip() for m in args.methods.split(",")]
@@ -302,7 +305,7 @@ def main() -> None:
     results: dict = {"settings": {k: str(v) for k, v in vars(args).items() if not k.startswith("_")}, "seeds": seeds}
     with Timer() as t:
         results["task_check"] = measure_task(
-            model, tokenizer, rows, n=32 if args.smoke else 128, temperature=args.temperature,
+            model, tokenizer, rows, n=32 if args.smoke else args.check_samples, temperature=args.temperature,
             max_tokens=args.max_completion_length,
         )  # fmt: skip
     results["task_check"]["chance"] = 1 / args.options

@@ -236,11 +236,13 @@ def summarise(runs, arm_of, args, seeds, lrs, budget: int) -> tuple[list[str], d
     final = {
         label: sum(smoothed(c, args.window)[-1][1] for c in curves) / len(curves) for label, curves in runs.items()
     }
+    # Every arm of a seed sees the same questions at the same step, so the mean over the run is a paired measure.
+    run_mean = {label: [sum(r for _, r in c) / len(c) for c in curves] for label, curves in runs.items()}
     methods = sorted({m for m, _ in arm_of.values()}, key=METHODS.index)
 
     def best(method: str) -> str:
         labels = [label for label, (m, _) in arm_of.items() if m == method]
-        return min(labels, key=lambda lab: (median(to_target[lab]) or math.inf, -final[lab]))
+        return min(labels, key=lambda lab: (median(to_target[lab]) or math.inf, -sum(run_mean[lab])))
 
     best_arms = {m: best(m) for m in methods}
 
@@ -249,13 +251,16 @@ def summarise(runs, arm_of, args, seeds, lrs, budget: int) -> tuple[list[str], d
 
     lines = [
         f"| arm | generations to reward ≥ {args.target:g} ({args.window}-step mean), per seed | median | "
-        "final reward (mean over seeds) |",
-        "|---|---|---|---|",
+        "final reward (mean over seeds) | mean reward over the run, per seed |",
+        "|---|---|---|---|---|",
     ]
     for label in runs:
         mark = " (best)" if label in best_arms.values() and len(lrs) > 1 else ""
         per_seed = ", ".join(shown(v) for v in to_target[label])
-        lines.append(f"| {label}{mark} | {per_seed} | {shown(median(to_target[label]))} | {final[label]:.3f} |")
+        means = ", ".join(f"{v:.3f}" for v in run_mean[label])
+        lines.append(
+            f"| {label}{mark} | {per_seed} | {shown(median(to_target[label]))} | {final[label]:.3f} | {means} |"
+        )
     paper = {}
     if "GRPO" in best_arms:
         grpo_final = smoothed(mean_curve(runs[best_arms["GRPO"]]), args.window)[-1][1]
@@ -266,7 +271,8 @@ def summarise(runs, arm_of, args, seeds, lrs, budget: int) -> tuple[list[str], d
                 reach = generations_to_target(mean_curve(runs[label]), grpo_final, args.window)
                 paper[f"{m} generations to GRPO's final reward"] = reach
                 lines.append(f"- {label} reaches it after {shown(reach)} generations (mean curve over seeds).")
-    return lines, {"best_arms": best_arms, "generations_to_target": to_target, "final_reward": final, **paper}
+    summary = {"best_arms": best_arms, "generations_to_target": to_target, "final_reward": final, **paper}
+    return lines, {**summary, "mean_reward_over_run": run_mean}
 
 
 def main() -> None:
@@ -289,6 +295,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=min(2, torch.get_num_threads()), help="Torch CPU threads.")
     parser.add_argument("--check-samples", type=int, default=96, help="Prompts per condition of the task check.")
     parser.add_argument("--measure-only", action="store_true", help="Measure the task, train nothing.")
+    parser.add_argument(
+        "--report-only", action="store_true", help="Rewrite the table and plot from --output-dir's real_results.json."
+    )
     args = finish_args(parser.parse_args(), "sdpo_vs_grpo_real")
     # On a shared CPU, one thread per run avoids OpenMP threads waiting on each other while descheduled.
     torch.set_num_threads(args.threads)
@@ -299,9 +308,12 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"Unknown --methods {unknown}; choose from {', '.join(METHODS)}.")
 
+    out = args.output_dir
+    if args.report_only:
+        write_report(json.loads((out / "real_results.json").read_text()), args, out)
+        return
     model, tokenizer = load_hub_model(args.model, dtype=torch.float32)
     rows = make_questions(args.questions, args.options, args.seed)
-    out = args.output_dir
     results: dict = {"settings": {k: str(v) for k, v in vars(args).items() if not k.startswith("_")}, "seeds": seeds}
     with Timer() as t:
         results["task_check"] = measure_task(
@@ -330,20 +342,36 @@ def main() -> None:
                 results.update(curves=runs, seconds=seconds)
                 (out / "real_results.json").write_text(json.dumps(results, indent=1) + "\n")
 
+    write_report(results, args, out)
+
+
+def write_report(results: dict, args, out) -> None:
+    """Table, summary and plot from the curves in `results` (complete or not: the sweep writes after every arm)."""
+    runs = results["curves"]
+    arm_of = {}
+    for label in runs:
+        method, lr = label.rsplit(", lr ", 1)
+        arm_of[label] = (method, float(lr))
+    seeds = results["seeds"][: max(len(c) for c in runs.values())]
+    lrs = sorted({lr for _, lr in arm_of.values()})
     budget = next(iter(runs.values()))[0][-1][0]
     lines, summary = summarise(runs, arm_of, args, seeds, lrs, budget)
     check = results["task_check"]
+    incomplete = [label for label, curves in runs.items() if len(curves) < len(results["seeds"])]
     header = [
         f"Model {args.model} (LoRA r=16, all linear layers); task: which of {args.options} listed words is of the asked "
         f"category ({args.questions} questions); {args.batch_size} generations per step ({args.num_generations} per "
         f"prompt), ≤ {args.max_completion_length} tokens at temperature {args.temperature:g}; budget {budget} generations "
         f"per run; seeds {', '.join(map(str, seeds))}; learning rates {', '.join(f'{lr:g}' for lr in lrs)}.",
         "",
-        f"Before training (sampling like the rollouts): solves it alone {check['solo_accuracy']:.1%} (chance "
-        f"{check['chance']:.1%}), after a correct demonstration {check['demonstration_accuracy']:.1%}, after the feedback "
-        f"{check['feedback_accuracy']:.1%}.",
+        f"Before training (sampling like the rollouts, {args.check_samples} prompts each): solves it alone "
+        f"{check['solo_accuracy']:.1%} (chance {check['chance']:.1%}; it answers with a listed word "
+        f"{check['solo_answers_a_listed_word']:.0%} of the time), after a correct demonstration in SDPO's teacher prompt "
+        f"{check['demonstration_accuracy']:.1%}, after the feedback there {check['feedback_accuracy']:.1%}.",
         "",
     ]
+    if incomplete:
+        header += [f"Incomplete sweep: {', '.join(incomplete)} have fewer seeds than planned.", ""]
     (out / "real_results.md").write_text("\n".join(header + lines) + "\n")
     results.update(summary)
     (out / "real_results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")

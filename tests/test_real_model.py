@@ -163,7 +163,10 @@ def test_the_converted_model_is_the_real_pretrained_one():
 
 # ---------------------------------------------------------------------------------------------- SDPO on it
 
-QUESTIONS = [("What is 2 + 3?", "5"), ("What is 7 + 5?", "12"), ("What is 4 + 4?", "8"), ("What is 9 + 1?", "10")]
+# Eight distinct questions: each group of rollouts is one question (SDPO groups rollouts by their prompt).
+QUESTIONS = [
+    (f"What is {a} + {b}?", str(a + b)) for a, b in [(2, 3), (7, 5), (4, 4), (9, 1), (6, 2), (3, 8), (5, 5), (1, 7)]
+]
 
 
 def _dataset(rows: int = 4):

@@ -267,6 +267,11 @@ def summarise(runs, arm_of, args, seeds, lrs, budget: int) -> tuple[list[str], d
         paper["grpo_final_reward"] = grpo_final
         lines += ["", f"Paper-style: the best GRPO arm ends at reward {grpo_final:.3f} after {budget} generations."]
         for m, label in best_arms.items():
+            if grpo_final <= 0:
+                lines.append(
+                    "- GRPO ends at reward 0, so there is nothing to reach: this comparison says nothing here."
+                )
+                break
             if m != "GRPO":
                 reach = generations_to_target(mean_curve(runs[label]), grpo_final, args.window)
                 paper[f"{m} generations to GRPO's final reward"] = reach
@@ -371,7 +376,17 @@ def write_report(results: dict, args, out) -> None:
         "",
     ]
     if incomplete:
-        header += [f"Incomplete sweep: {', '.join(incomplete)} have fewer seeds than planned.", ""]
+        done = min(len(c) for c in runs.values())
+        header += [
+            f"Incomplete sweep: {done} of {len(results['seeds'])} planned seeds finished for {len(incomplete)} arms.",
+            "",
+        ]
+    command = (
+        f"python examples/sdpo_vs_grpo_real.py --max-steps {args.max_steps} --learning-rates "
+        f"{','.join(f'{lr:g}' for lr in lrs)} --seeds {len(results['seeds'])} --check-samples {args.check_samples} "
+        f"--threads 1 --output-dir {out}"
+    )
+    lines += ["", f"Reproduce: `{command}` (`--report-only` rewrites this table and the plot from the JSON)."]
     (out / "real_results.md").write_text("\n".join(header + lines) + "\n")
     results.update(summary)
     (out / "real_results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")

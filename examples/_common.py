@@ -122,7 +122,7 @@ def grpo_args(output_dir: Path | str, *, seed: int, max_steps: int, **overrides)
         use_cpu=not cuda,
         bf16=bf16,
         fp16=cuda and not bf16,
-        activation_checkpointing=False,
+        gradient_checkpointing=False,  # the name transformers 5.17 (Unsloth's ceiling) knows; later ones accept it too
         logging_steps=1,
         save_strategy="no",
         report_to=[],

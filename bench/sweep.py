@@ -8,6 +8,7 @@ imports torch.
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import re
 from dataclasses import dataclass, field
@@ -125,7 +126,24 @@ def skip_reason(impl: str, device: str) -> str | None:
             return "skipped: liger-kernel is not installed (pip install liger-kernel)"
     if impl in ("trl-chunked", "trl-sdpo-topk", "trl-sdpo-sampled") and importlib.util.find_spec("trl") is None:
         return "skipped: trl is not installed"
+    if impl in TRL_SCORED_STEPS and device != "cuda" and trl_scores_with_triton_only():
+        return (
+            "skipped: TRL 1.15 scores log-probs with Triton kernels that need a CUDA GPU (TRL 1.16 runs them on CPUs)"
+        )
     return None
+
+
+# Training steps whose loss TRL computes (its log-prob scorer), as opposed to sdpo-fast's own head.
+TRL_SCORED_STEPS = ("grpo", "trl-sdpo-topk", "trl-sdpo-sampled")
+
+
+def trl_scores_with_triton_only() -> bool:
+    """TRL 1.15's `ChunkedLogProbFunction` launches Triton kernels on any device; 1.16 falls back on the CPU."""
+    try:
+        release = importlib.metadata.version("trl").split(".")[:2]
+        return (int(release[0]), int(release[1])) < (1, 16) and importlib.util.find_spec("triton") is not None
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return False
 
 
 @dataclass

@@ -325,6 +325,7 @@ def plot(
     window: int,
     path: Path,
     title: str = "SDPO vs GRPO: same task, seeds and generation budget",
+    ylabel: str | None = None,
 ) -> None:
     import matplotlib
 
@@ -341,7 +342,7 @@ def plot(
         ax.plot(xs, ys, color=colour, linewidth=2.2, label=f"{name} (mean of {len(curves)} seeds)")
     ax.axhline(target, color="gray", linestyle="--", linewidth=1, label=f"target {target:g}")
     ax.set_xlabel("generations (completions sampled)")
-    ax.set_ylabel(f"training reward ({window}-step mean)")
+    ax.set_ylabel(ylabel or f"training reward ({window}-step mean)")
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(title)
     ax.legend(loc="lower right", fontsize=8)

@@ -35,6 +35,7 @@ import math
 import random
 import re
 import tempfile
+from pathlib import Path
 
 import torch
 from _common import (
@@ -160,6 +161,49 @@ class SyncRefAdapter(TrainerCallback):
                 ref.mul_(1.0 - self.alpha).add_(policy, alpha=self.alpha)
 
 
+class HeldOutAccuracy(TrainerCallback):
+    """Greedy accuracy on fixed held-out questions, before training and every `every` steps.
+
+    A step's training reward depends on which two questions it drew (some are much harder than others), so
+    that curve is mostly noise at this batch size. The held-out curve asks every arm the same questions at the
+    same points: a paired, deterministic measure of what the policy has learnt.
+    """
+
+    def __init__(self, tokenizer, rows: list[dict], *, every: int, max_tokens: int, generations_per_step: int):
+        self.tokenizer, self.rows, self.every, self.max_tokens = tokenizer, rows, every, max_tokens
+        self.generations_per_step = generations_per_step
+        self.curve: list[tuple[int, float]] = []
+
+    @torch.no_grad()
+    def evaluate(self, model, step: int) -> None:
+        training = model.training
+        model.eval()
+        outs = []
+        for start in range(0, len(self.rows), 32):
+            batch = [user_turn(r["question"]) for r in self.rows[start : start + 32]]
+            outs += sample_completions(model, self.tokenizer, batch, max_new_tokens=self.max_tokens, greedy=True)
+        model.train(training)
+        right = [first_listed_word(o, r["choices"].split(",")) == r["answer"] for o, r in zip(outs, self.rows)]
+        self.curve.append((step * self.generations_per_step, sum(right) / len(right)))
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.evaluate(model, 0)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every == 0 or state.global_step == state.max_steps:
+            self.evaluate(model, state.global_step)
+
+
+def held_out_questions(rows: list[dict], n: int, options: int, seed: int) -> list[dict]:
+    """`n` questions that are not among the training `rows` (same categories and words, other draws)."""
+    seen = {r["question"] for r in rows}
+    fresh = [r for r in make_questions(8 * n, options, seed + 1) if r["question"] not in seen]
+    unique = list({r["question"]: r for r in fresh}.values())
+    if len(unique) < n:
+        raise SystemExit(f"Only {len(unique)} held-out questions could be drawn; lower --eval-questions.")
+    return unique[:n]
+
+
 def lora_model(model, seed: int):
     from peft import LoraConfig, get_peft_model
 
@@ -173,7 +217,10 @@ def lora_model(model, seed: int):
     return get_peft_model(copy.deepcopy(model), config)
 
 
-def run_arm(method: str, model, tokenizer, rows: list[dict], args, *, lr: float, seed: int) -> list[tuple[int, float]]:
+def run_arm(
+    method: str, model, tokenizer, rows: list[dict], held_out: list[dict], args, *, lr: float, seed: int
+) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """One arm: (training reward per step, held-out accuracy every `--eval-every` steps), by generations."""
     from datasets import Dataset
 
     from sdpo_fast import SDPOConfig, SDPOTrainer
@@ -221,67 +268,122 @@ def run_arm(method: str, model, tokenizer, rows: list[dict], args, *, lr: float,
     )
     if anchored:
         trainer.add_callback(SyncRefAdapter(trainer.model, trainer.args.ref_model_mixup_alpha, 1))
+    accuracy = HeldOutAccuracy(
+        tokenizer, held_out, every=args.eval_every, max_tokens=args.max_completion_length,
+        generations_per_step=args.batch_size,
+    )  # fmt: skip
+    trainer.add_callback(accuracy)
     with scratch:
         curve, _, _ = train_with_progress(trainer, desc=f"{method} lr={lr:g} seed {seed}")
-    return curve
+    return curve, accuracy.curve
 
 
 # ---------------------------------------------------------------------------------------------- main
 
 
-def summarise(runs, arm_of, args, seeds, lrs, budget: int) -> tuple[list[str], dict]:
-    to_target = {
-        label: [generations_to_target(c, args.target, args.window) for c in curves] for label, curves in runs.items()
-    }
-    final = {
-        label: sum(smoothed(c, args.window)[-1][1] for c in curves) / len(curves) for label, curves in runs.items()
-    }
-    # Every arm of a seed sees the same questions at the same step, so the mean over the run is a paired measure.
-    run_mean = {label: [sum(r for _, r in c) / len(c) for c in curves] for label, curves in runs.items()}
-    methods = sorted({m for m, _ in arm_of.values()}, key=METHODS.index)
-
-    def best(method: str) -> str:
-        labels = [label for label, (m, _) in arm_of.items() if m == method]
-        return min(labels, key=lambda lab: (median(to_target[lab]) or math.inf, -sum(run_mean[lab])))
-
-    best_arms = {m: best(m) for m in methods}
+def summarise(results: dict, args, budget: int) -> tuple[list[str], dict]:
+    """Tables and the paper-style comparison: held-out accuracy first, then the (noisier) training reward."""
+    runs, evals = results["curves"], results.get("eval_curves", {})
+    labels = list(runs)
+    methods = sorted({label.rsplit(", lr ", 1)[0] for label in labels}, key=METHODS.index)
+    several_lrs = len({label.rsplit(", lr ", 1)[1] for label in labels}) > 1
 
     def shown(value) -> str:
         return f"> {budget}" if value is None else f"{value:g}"
 
-    lines = [
+    def per_seed(values, fmt="{:.3f}") -> str:
+        return ", ".join(fmt.format(v) for v in values)
+
+    reward_to = {lab: [generations_to_target(c, args.target, args.window) for c in runs[lab]] for lab in labels}
+    reward_mean = {lab: [sum(r for _, r in c) / len(c) for c in runs[lab]] for lab in labels}
+    acc_to = {lab: [generations_to_target(c, args.eval_target, 1) for c in evals.get(lab, [])] for lab in labels}
+    acc_mean = {lab: [sum(a for _, a in c) / len(c) for c in evals.get(lab, [])] for lab in labels}
+    acc_final = {lab: [c[-1][1] for c in evals.get(lab, [])] for lab in labels}
+
+    def best(method: str) -> str:  # fewest generations to the target, then the most accuracy (or reward) on the way
+        mine = [lab for lab in labels if lab.rsplit(", lr ", 1)[0] == method]
+        if evals:
+            return min(mine, key=lambda lab: (median(acc_to[lab]) or math.inf, -sum(acc_mean[lab])))
+        return min(mine, key=lambda lab: (median(reward_to[lab]) or math.inf, -sum(reward_mean[lab])))
+
+    best_arms = {m: best(m) for m in methods}
+    mark = {lab: " (best)" if several_lrs and lab in best_arms.values() else "" for lab in labels}
+    lines = []
+    if evals:
+        n_eval = len(results["held_out"])
+        lines += [
+            f"Held-out accuracy (greedy, {n_eval} questions not in training, every {args.eval_every} steps):",
+            "",
+            f"| arm | before → final, per seed | generations to accuracy ≥ {args.eval_target:g}, per seed | median | "
+            "mean accuracy over the evaluations, per seed |",
+            "|---|---|---|---|---|",
+        ]
+        for lab in labels:
+            moves = ", ".join(f"{c[0][1]:.3f} → {c[-1][1]:.3f}" for c in evals[lab])
+            lines.append(
+                f"| {lab}{mark[lab]} | {moves} | {', '.join(map(shown, acc_to[lab]))} | {shown(median(acc_to[lab]))} "
+                f"| {per_seed(acc_mean[lab])} |"
+            )
+        lines.append("")
+    lines += [
+        "Training reward (each step's 16 rollouts on 2 questions: noisy, since questions differ in difficulty):",
+        "",
         f"| arm | generations to reward ≥ {args.target:g} ({args.window}-step mean), per seed | median | "
-        "final reward (mean over seeds) | mean reward over the run, per seed |",
+        "final reward (3-step mean, mean over seeds) | mean reward over the run, per seed |",
         "|---|---|---|---|---|",
     ]
-    for label in runs:
-        mark = " (best)" if label in best_arms.values() and len(lrs) > 1 else ""
-        per_seed = ", ".join(shown(v) for v in to_target[label])
-        means = ", ".join(f"{v:.3f}" for v in run_mean[label])
+    for lab in labels:
+        final = sum(smoothed(c, args.window)[-1][1] for c in runs[lab]) / len(runs[lab])
         lines.append(
-            f"| {label}{mark} | {per_seed} | {shown(median(to_target[label]))} | {final[label]:.3f} | {means} |"
+            f"| {lab}{mark[lab]} | {', '.join(map(shown, reward_to[lab]))} | {shown(median(reward_to[lab]))} "
+            f"| {final:.3f} | {per_seed(reward_mean[lab])} |"
         )
-    paper = {}
-    if "GRPO" in best_arms:
-        grpo_final = smoothed(mean_curve(runs[best_arms["GRPO"]]), args.window)[-1][1]
-        paper["grpo_final_reward"] = grpo_final
-        lines += ["", f"Paper-style: the best GRPO arm ends at reward {grpo_final:.3f} after {budget} generations."]
-        for m, label in best_arms.items():
-            if grpo_final <= 0:
-                lines.append(
-                    "- GRPO ends at reward 0, so there is nothing to reach: this comparison says nothing here."
-                )
-                break
+    paper: dict = {}
+    if "GRPO" in best_arms and evals:
+        # The paper's measure on the held-out curve: GRPO's final accuracy, and when each arm first reaches it.
+        grpo = mean_curve(evals[best_arms["GRPO"]])
+        goal = grpo[-1][1]
+        grpo_reach = generations_to_target(grpo, goal, 1)
+        paper.update(grpo_final_accuracy=goal, grpo_generations_to_its_final=grpo_reach)
+        lines += [
+            "",
+            f"Paper-style (held-out, mean curve over seeds): the best GRPO arm ends at accuracy {goal:.3f}, first "
+            f"reached after {shown(grpo_reach)} generations (it starts at {grpo[0][1]:.3f}).",
+        ]
+        if goal <= grpo[0][1]:
+            lines.append("- GRPO ends no better than it started: there is no GRPO gain to reach faster.")
+        for m, lab in best_arms.items():
             if m != "GRPO":
-                reach = generations_to_target(mean_curve(runs[label]), grpo_final, args.window)
-                paper[f"{m} generations to GRPO's final reward"] = reach
-                lines.append(f"- {label} reaches it after {shown(reach)} generations (mean curve over seeds).")
-    summary = {"best_arms": best_arms, "generations_to_target": to_target, "final_reward": final, **paper}
-    return lines, {**summary, "mean_reward_over_run": run_mean}
+                reach = generations_to_target(mean_curve(evals[lab]), goal, 1)
+                paper[f"{m} generations to GRPO's final accuracy"] = reach
+                lines.append(f"- {lab} reaches it after {shown(reach)} generations.")
+    summary = {
+        "best_arms": best_arms,
+        "generations_to_accuracy_target": acc_to,
+        "final_accuracy": acc_final,
+        "mean_accuracy_over_evaluations": acc_mean,
+        "generations_to_reward_target": reward_to,
+        "mean_reward_over_run": reward_mean,
+        **paper,
+    }
+    return lines, summary
+
+
+def merge(paths: list[str]) -> dict:
+    """One sweep from several runs of this script (e.g. one per seed, run side by side)."""
+    parts = [json.loads(Path(p, "real_results.json").read_text()) for p in paths]
+    merged = {**parts[0], "seeds": [], "curves": {}, "eval_curves": {}, "seconds": {}}
+    for part in parts:
+        merged["seeds"] += part["seeds"][: max(len(c) for c in part["curves"].values())]
+        for key in ("curves", "eval_curves", "seconds"):
+            for label, values in part.get(key, {}).items():
+                merged[key].setdefault(label, []).extend(values)
+    merged["settings"]["merged_from"] = ", ".join(map(str, paths))
+    return merged
 
 
 def main() -> None:
-    parser = make_parser(__doc__, steps=20, smoke_steps=1)
+    parser = make_parser(__doc__, steps=30, smoke_steps=1)
     parser.set_defaults(model="smollm2")
     parser.add_argument("--seeds", type=int, default=None, help="Seeds per arm (default 2; 1 with --smoke).")
     parser.add_argument("--learning-rates", default=None, help="Comma-separated LoRA rates (default 3e-4,1e-3).")
@@ -292,6 +394,10 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.3, help="Sampling temperature of the rollouts.")
     parser.add_argument("--options", type=int, default=6, help="Listed words per question.")
     parser.add_argument("--questions", type=int, default=64, help="Distinct training questions.")
+    parser.add_argument("--task-seed", type=int, default=0, help="Seed of the questions (the same for every --seed).")
+    parser.add_argument("--eval-questions", type=int, default=32, help="Held-out questions (0: no evaluation).")
+    parser.add_argument("--eval-every", type=int, default=5, help="Steps between held-out evaluations.")
+    parser.add_argument("--eval-target", type=float, default=0.5, help="Target held-out accuracy.")
     parser.add_argument("--target", type=float, default=0.6, help="Target training reward (smoothed).")
     parser.add_argument("--window", type=int, default=3, help="Steps in the moving average used for the target.")
     parser.add_argument("--topk", type=int, default=100)
@@ -303,6 +409,10 @@ def main() -> None:
     parser.add_argument(
         "--report-only", action="store_true", help="Rewrite the table and plot from --output-dir's real_results.json."
     )
+    parser.add_argument(
+        "--merge", nargs="+", default=None, metavar="DIR",
+        help="Merge the real_results.json of these directories (runs of other seeds) into --output-dir's report.",
+    )  # fmt: skip
     args = finish_args(parser.parse_args(), "sdpo_vs_grpo_real")
     # On a shared CPU, one thread per run avoids OpenMP threads waiting on each other while descheduled.
     torch.set_num_threads(args.threads)
@@ -314,12 +424,22 @@ def main() -> None:
         raise SystemExit(f"Unknown --methods {unknown}; choose from {', '.join(METHODS)}.")
 
     out = args.output_dir
+    if args.merge:
+        write_report(merge(args.merge), args, out)
+        return
     if args.report_only:
         write_report(json.loads((out / "real_results.json").read_text()), args, out)
         return
     model, tokenizer = load_hub_model(args.model, dtype=torch.float32)
-    rows = make_questions(args.questions, args.options, args.seed)
-    results: dict = {"settings": {k: str(v) for k, v in vars(args).items() if not k.startswith("_")}, "seeds": seeds}
+    rows = make_questions(args.questions, args.options, args.task_seed)
+    held_out = (
+        held_out_questions(rows, args.eval_questions, args.options, args.task_seed) if args.eval_questions else []
+    )
+    results: dict = {
+        "settings": {k: str(v) for k, v in vars(args).items() if not k.startswith("_")},
+        "seeds": seeds,
+        "held_out": [r["question"] for r in held_out],
+    }
     with Timer() as t:
         results["task_check"] = measure_task(
             model, tokenizer, rows, n=32 if args.smoke else args.check_samples, temperature=args.temperature,
@@ -333,43 +453,42 @@ def main() -> None:
         return
 
     runs: dict[str, list] = {}
-    arm_of: dict[str, tuple[str, float]] = {}
+    evals: dict[str, list] = {}
     seconds: dict[str, list[float]] = {}
     for seed in seeds:  # seed-major: after the first seed every arm has a curve, whatever happens later
         for lr in lrs:
             for method in methods:
                 label = f"{method}, lr {lr:g}"
-                arm_of[label] = (method, lr)
                 with Timer() as t:
-                    curve = run_arm(method, model, tokenizer, rows, args, lr=lr, seed=seed)
+                    curve, accuracy = run_arm(method, model, tokenizer, rows, held_out, args, lr=lr, seed=seed)
                 runs.setdefault(label, []).append(curve)
+                if held_out:
+                    evals.setdefault(label, []).append(accuracy)
                 seconds.setdefault(label, []).append(round(t.seconds, 1))
-                results.update(curves=runs, seconds=seconds)
+                results.update(curves=runs, eval_curves=evals, seconds=seconds)
                 (out / "real_results.json").write_text(json.dumps(results, indent=1) + "\n")
 
     write_report(results, args, out)
 
 
 def write_report(results: dict, args, out) -> None:
-    """Table, summary and plot from the curves in `results` (complete or not: the sweep writes after every arm)."""
+    """Tables, summary and plots from `results` (complete or not: the sweep writes after every arm)."""
     runs = results["curves"]
-    arm_of = {}
-    for label in runs:
-        method, lr = label.rsplit(", lr ", 1)
-        arm_of[label] = (method, float(lr))
+    settings = results["settings"]
     seeds = results["seeds"][: max(len(c) for c in runs.values())]
-    lrs = sorted({lr for _, lr in arm_of.values()})
+    lrs = sorted({float(label.rsplit(", lr ", 1)[1]) for label in runs})
     budget = next(iter(runs.values()))[0][-1][0]
-    lines, summary = summarise(runs, arm_of, args, seeds, lrs, budget)
+    lines, summary = summarise(results, args, budget)
     check = results["task_check"]
     incomplete = [label for label, curves in runs.items() if len(curves) < len(results["seeds"])]
     header = [
-        f"Model {args.model} (LoRA r=16, all linear layers); task: which of {args.options} listed words is of the asked "
-        f"category ({args.questions} questions); {args.batch_size} generations per step ({args.num_generations} per "
-        f"prompt), ≤ {args.max_completion_length} tokens at temperature {args.temperature:g}; budget {budget} generations "
-        f"per run; seeds {', '.join(map(str, seeds))}; learning rates {', '.join(f'{lr:g}' for lr in lrs)}.",
+        f"Model {settings['model']} (LoRA r=16, all linear layers); task: which of {settings['options']} listed words "
+        f"is of the asked category ({settings['questions']} questions); {settings['batch_size']} generations per step "
+        f"({settings['num_generations']} per prompt), ≤ {settings['max_completion_length']} tokens at temperature "
+        f"{settings['temperature']}; budget {budget} generations per run; seeds {', '.join(map(str, seeds))}; "
+        f"learning rates {', '.join(f'{lr:g}' for lr in lrs)}.",
         "",
-        f"Before training (sampling like the rollouts, {args.check_samples} prompts each): solves it alone "
+        f"Before training (sampling like the rollouts, {settings['check_samples']} prompts each): solves it alone "
         f"{check['solo_accuracy']:.1%} (chance {check['chance']:.1%}; it answers with a listed word "
         f"{check['solo_answers_a_listed_word']:.0%} of the time), after a correct demonstration in SDPO's teacher prompt "
         f"{check['demonstration_accuracy']:.1%}, after the feedback there {check['feedback_accuracy']:.1%}.",
@@ -382,16 +501,22 @@ def write_report(results: dict, args, out) -> None:
             "",
         ]
     command = (
-        f"python examples/sdpo_vs_grpo_real.py --max-steps {args.max_steps} --learning-rates "
-        f"{','.join(f'{lr:g}' for lr in lrs)} --seeds {len(results['seeds'])} --check-samples {args.check_samples} "
-        f"--threads 1 --output-dir {out}"
+        f"python examples/sdpo_vs_grpo_real.py --max-steps {settings['max_steps']} --learning-rates "
+        f"{','.join(f'{lr:g}' for lr in lrs)} --seed S --seeds 1 --check-samples {settings['check_samples']} "
+        f"--threads 1 --output-dir DIR_S for S in {', '.join(map(str, seeds))}, then `--merge DIR_0 DIR_1 ... "
+        f"--output-dir {out}`"
     )
-    lines += ["", f"Reproduce: `{command}` (`--report-only` rewrites this table and the plot from the JSON)."]
+    lines += ["", f"Reproduce: {command} (`--report-only` rewrites the tables and plots from the JSON)."]
     (out / "real_results.md").write_text("\n".join(header + lines) + "\n")
     results.update(summary)
     (out / "real_results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
-    plot({label: runs[label] for label in summary["best_arms"].values()}, args.target, args.window,
-         out / "real_reward_vs_generations.png", title=f"{args.model}: SDPO vs GRPO, LoRA, same seeds and budget")  # fmt: skip
+    best = summary["best_arms"].values()
+    title = f"{settings['model']}: SDPO vs GRPO, LoRA, same seeds and budget"
+    plot({label: runs[label] for label in best}, args.target, args.window, out / "real_reward_vs_generations.png",
+         title=title)  # fmt: skip
+    if results.get("eval_curves"):
+        plot({label: results["eval_curves"][label] for label in best}, args.eval_target, 1,
+             out / "real_accuracy_vs_generations.png", title=title, ylabel="held-out accuracy (greedy)")  # fmt: skip
     print("\n".join(header + lines))
 
 

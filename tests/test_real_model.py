@@ -438,3 +438,56 @@ def test_anchor_callback_applies_trls_sync_rule_to_the_ref_adapter():
         torch.testing.assert_close(params[n].detach(), expected)
     with pytest.raises(ValueError, match="no 'ref' adapter"):
         ex.SyncRefAdapter(peft.get_peft_model(tiny_model(), peft.LoraConfig(r=2, target_modules=["q_proj"])), 0.1, 1)
+
+
+def test_held_out_questions_are_fixed_and_never_trained_on():
+    ex = _real_example()
+    rows = ex.make_questions(64, options=6, seed=0)
+    held_out = ex.held_out_questions(rows, 32, options=6, seed=0)
+    assert held_out == ex.held_out_questions(rows, 32, options=6, seed=0)  # every arm and seed asks the same
+    questions = [r["question"] for r in held_out]
+    assert len(set(questions)) == 32 and not set(questions) & {r["question"] for r in rows}
+
+
+def test_held_out_accuracy_is_greedy_and_leaves_the_training_mode(monkeypatch):
+    ex = _real_example()
+    rows = ex.make_questions(40, options=6, seed=0)
+    asked = []
+
+    def answer_first_half(model, tokenizer, batch, *, max_new_tokens, greedy):
+        assert greedy and not model.training  # deterministic, no dropout
+        asked.extend(batch)
+        return [rows[len(asked) - len(batch) + i]["answer"] if len(asked) <= 20 else "none" for i in range(len(batch))]
+
+    monkeypatch.setattr(ex, "sample_completions", answer_first_half)
+    model = torch.nn.Linear(1, 1).train()
+    callback = ex.HeldOutAccuracy(None, rows[:20], every=5, max_tokens=8, generations_per_step=16)
+    from types import SimpleNamespace
+
+    callback.on_train_begin(None, None, None, model=model)
+    callback.on_step_end(None, SimpleNamespace(global_step=3, max_steps=7), None, model=model)  # not an eval step
+    callback.on_step_end(None, SimpleNamespace(global_step=5, max_steps=7), None, model=model)
+    callback.on_step_end(None, SimpleNamespace(global_step=7, max_steps=7), None, model=model)  # the last step
+    assert model.training and callback.curve == [(0, 1.0), (80, 0.0), (112, 0.0)]
+
+
+def test_merging_per_seed_runs_keeps_every_curve_in_seed_order(tmp_path):
+    ex = _real_example()
+    import json
+
+    for seed in (0, 1):
+        part = {
+            "settings": {"model": "smollm2"},
+            "seeds": [seed],
+            "task_check": {"solo_accuracy": 0.1 + seed},
+            "curves": {"GRPO, lr 0.001": [[[16, 0.1 * seed]]]},
+            "eval_curves": {"GRPO, lr 0.001": [[[0, 0.2], [16, 0.3 * seed]]]},
+            "seconds": {"GRPO, lr 0.001": [10.0 + seed]},
+        }
+        (tmp_path / f"s{seed}").mkdir()
+        (tmp_path / f"s{seed}" / "real_results.json").write_text(json.dumps(part))
+    merged = ex.merge([tmp_path / "s0", tmp_path / "s1"])
+    assert merged["seeds"] == [0, 1] and merged["task_check"] == {"solo_accuracy": 0.1}
+    assert merged["curves"]["GRPO, lr 0.001"] == [[[16, 0.0]], [[16, 0.1]]]
+    assert merged["eval_curves"]["GRPO, lr 0.001"][1] == [[0, 0.2], [16, 0.3]]
+    assert merged["seconds"]["GRPO, lr 0.001"] == [10.0, 11.0]

@@ -42,3 +42,22 @@ def test_ci_runs_the_readme_test_command():
 def test_license_is_the_full_apache_text():
     text = (ROOT / "LICENSE").read_text()
     assert "Apache License" in text and "Version 2.0, January 2004" in text and "END OF TERMS AND CONDITIONS" in text
+
+
+def test_kernels_depend_on_nothing_in_sdpo_fast():
+    """The arrows point one way: sdpo_fast imports the kernels, never the reverse (issue 11's layering)."""
+    import ast
+
+    offenders = []
+    for path in sorted((ROOT / "kernels").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+                escapes = node.level > 1  # `from ..x` leaves the kernels package
+            elif isinstance(node, ast.Import):
+                names, escapes = [a.name for a in node.names], False
+            else:
+                continue
+            if escapes or any(n == "sdpo_fast" or n.startswith("sdpo_fast.") for n in names):
+                offenders.append(f"{path.name}:{node.lineno}")
+    assert not offenders, f"kernels/ imports from sdpo_fast at {offenders}"

@@ -326,6 +326,7 @@ def plot(
     path: Path,
     title: str = "SDPO vs GRPO: same task, seeds and generation budget",
     ylabel: str | None = None,
+    legend_loc: str = "lower right",
 ) -> None:
     import matplotlib
 
@@ -345,7 +346,7 @@ def plot(
     ax.set_ylabel(ylabel or f"training reward ({window}-step mean)")
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(title)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc=legend_loc, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

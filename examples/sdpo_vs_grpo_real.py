@@ -1,6 +1,8 @@
 """SDPO against GRPO on a real pretrained chat model (SmolLM2-135M-Instruct, offline), LoRA, on the CPU.
 
-    python examples/sdpo_vs_grpo_real.py --max-steps 12           # the committed sweep (about an hour, 2 cores)
+    python examples/sdpo_vs_grpo_real.py --seed 0 --seeds 1 --output-dir /tmp/real_0   # one seed of the committed
+    python examples/sdpo_vs_grpo_real.py --seed 1 --seeds 1 --output-dir /tmp/real_1   # sweep (side by side: ~1 h)
+    python examples/sdpo_vs_grpo_real.py --merge /tmp/real_0 /tmp/real_1 --output-dir examples/results
     python examples/sdpo_vs_grpo_real.py --smoke                  # a minute: checks the plumbing only
     python examples/sdpo_vs_grpo_real.py --model Qwen/Qwen2.5-0.5B-Instruct --max-steps 100
 
@@ -23,7 +25,9 @@ others from three other categories). The reward is 1 when the first listed word 
 right one. A wrong answer gets the feedback `owl is wrong. The answer is one of: blue, kiwi, two.`: it
 halves the choice without giving the answer away. Before training, the script measures (and records) how
 often the model solves it alone, with a correct demonstration in SDPO's teacher prompt, and with the
-feedback there.
+feedback there. The learning curve is greedy accuracy on fixed held-out questions every `--eval-every` steps
+(the same questions for every arm); the per-step training reward is recorded too, but at 2 questions a step it
+mostly says which questions came up.
 """
 
 from __future__ import annotations
@@ -516,7 +520,8 @@ def write_report(results: dict, args, out) -> None:
          title=title)  # fmt: skip
     if results.get("eval_curves"):
         plot({label: results["eval_curves"][label] for label in best}, args.eval_target, 1,
-             out / "real_accuracy_vs_generations.png", title=title, ylabel="held-out accuracy (greedy)")  # fmt: skip
+             out / "real_accuracy_vs_generations.png", title=title, ylabel="held-out accuracy (greedy)",
+             legend_loc="upper left")  # fmt: skip
     print("\n".join(header + lines))
 
 

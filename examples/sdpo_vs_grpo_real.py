@@ -266,6 +266,7 @@ def run_arm(
             success_reward_threshold=1.0,
             teacher_update_rate=args.teacher_update_rate,
             distillation_topk=args.topk,
+            distillation_alpha=args.alpha,
         ),
         train_dataset=dataset,
         processing_class=tokenizer,
@@ -405,6 +406,9 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=0.6, help="Target training reward (smoothed).")
     parser.add_argument("--window", type=int, default=3, help="Steps in the moving average used for the target.")
     parser.add_argument("--topk", type=int, default=100)
+    parser.add_argument(
+        "--alpha", type=float, default=0.5, help="SDPO's divergence: 0 forward KL, 0.5 JSD, 1 reverse KL."
+    )
     parser.add_argument("--teacher-update-rate", type=float, default=0.05, help="SDPO's EMA rate, and α of the anchor.")
     parser.add_argument("--beta", type=float, default=0.04, help="KL weight of the EMA-anchored GRPO control.")
     parser.add_argument("--threads", type=int, default=min(2, torch.get_num_threads()), help="Torch CPU threads.")
@@ -504,9 +508,13 @@ def write_report(results: dict, args, out) -> None:
             f"Incomplete sweep: {done} of {len(results['seeds'])} planned seeds finished for {len(incomplete)} arms.",
             "",
         ]
+    extra = (
+        "" if settings.get("methods", ",".join(METHODS)) == ",".join(METHODS) else f" --methods '{settings['methods']}'"
+    )
+    extra += "" if float(settings.get("alpha", 0.5)) == 0.5 else f" --alpha {settings['alpha']}"
     command = (
         f"python examples/sdpo_vs_grpo_real.py --max-steps {settings['max_steps']} --learning-rates "
-        f"{','.join(f'{lr:g}' for lr in lrs)} --seed S --seeds 1 --check-samples {settings['check_samples']} "
+        f"{','.join(f'{lr:g}' for lr in lrs)}{extra} --seed S --seeds 1 --check-samples {settings['check_samples']} "
         f"--threads 1 --output-dir DIR_S for S in {', '.join(map(str, seeds))}, then `--merge DIR_0 DIR_1 ... "
         f"--output-dir {out}`"
     )

@@ -41,16 +41,22 @@ def _pack_keys(z, cols):
 
 
 @triton.jit
+def _program_span(n_cols, cols_per_split):
+    """This program's tile row r, its split s, and the split's columns [c0, c1) (grid: rows × column splits)."""
+    r = tl.program_id(0)
+    s = tl.program_id(1)
+    c0 = s * cols_per_split
+    return r, s, c0, tl.minimum(c0 + cols_per_split, n_cols)
+
+
+@triton.jit
 def sweep_kernel(
     tile_ptr, stride_t, n_cols, v0, rows0, inv_temp, y_ptr, target_ptr, max_ptr, sum_ptr, n_splits, cols_per_split,
     tau_ptr, bmax_ptr, stride_bm, count_ptr, keys_ptr, cap,
     MODE: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr, TARGET: tl.constexpr = True,
 ):
-    r = tl.program_id(0)
-    s = tl.program_id(1)
+    r, s, c0, c1 = _program_span(n_cols, cols_per_split)
     row = rows0 + r
-    c0 = s * cols_per_split
-    c1 = tl.minimum(c0 + cols_per_split, n_cols)
     base = tile_ptr + r.to(tl.int64) * stride_t
     NB: tl.constexpr = BLOCK // SUB
     grid_offs = tl.arange(0, NB)[:, None] * SUB + tl.arange(0, SUB)[None, :]  # (NB, SUB) in column order
@@ -139,11 +145,8 @@ def grad_kernel(
     ids_ptr, vals_ptr, k, y_ptr, y_val_ptr, n_splits, cols_per_split,
     FULL: tl.constexpr, ALPHA_MODE: tl.constexpr, WRITES: tl.constexpr, KB: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    r = tl.program_id(0)
-    s = tl.program_id(1)
+    r, _, c0, c1 = _program_span(n_cols, cols_per_split)
     row = (rows0 + r).to(tl.int64)
-    c0 = s * cols_per_split
-    c1 = tl.minimum(c0 + cols_per_split, n_cols)
     base = tile_ptr + r.to(tl.int64) * stride_t
     out = out_ptr + r.to(tl.int64) * stride_o
     m = tl.load(max_ptr + row)
@@ -184,11 +187,8 @@ def full_div_kernel(
     div_ptr, part_ptr, n_splits, cols_per_split, alpha, log_one_minus_alpha, log_alpha,
     ALPHA_MODE: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    r = tl.program_id(0)
-    s = tl.program_id(1)
+    r, s, c0, c1 = _program_span(n_cols, cols_per_split)
     row = (rows0 + r).to(tl.int64)
-    c0 = s * cols_per_split
-    c1 = tl.minimum(c0 + cols_per_split, n_cols)
     s_base = s_ptr + r.to(tl.int64) * stride_s
     t_base = t_ptr + r.to(tl.int64) * stride_tt
     m_s = tl.load(s_max_ptr + row)

@@ -322,11 +322,8 @@ class _SDPOTrainerMixin:
         rewards = cap["rewards_per_func"]
         scores = (rewards * self.reward_weights.to(rewards.device).unsqueeze(0)).nansum(dim=1)
         scores[torch.isnan(rewards).all(dim=1)] = math.nan
-        texts = (
-            self.processing_class.batch_decode(cap["completion_ids"], skip_special_tokens=True)
-            if not self._is_vlm
-            else (self.processing_class.tokenizer.batch_decode(cap["completion_ids"], skip_special_tokens=True))
-        )
+        # a tokenizer, never a multimodal processor: __init__ refuses vision-language models when SDPO is on
+        texts = self.processing_class.batch_decode(cap["completion_ids"], skip_special_tokens=True)
         uids = [row.get("uid") for row in cap["inputs"]]
         keys = [group_key(p, u) for p, u in zip(cap["prompts"], uids)]
         # One group can span processes: choose demonstrations on the gathered batch, keep the local slice.
@@ -479,7 +476,11 @@ class _SDPOTrainerMixin:
         }.get(self.sdpo_config.loss_agg_mode)
         if key is None:
             return 1.0 / self.accelerator.num_processes
-        normaliser = inputs[key].clamp(min=1.0) / self.accelerator.num_processes
+        return self._per_step_and_process(inputs[key], mode)
+
+    def _per_step_and_process(self, count: torch.Tensor, mode: str) -> torch.Tensor:
+        """A count over the whole generation batch (all processes) rescaled to one optimizer step of one process."""
+        normaliser = count.clamp(min=1.0) / self.accelerator.num_processes
         if mode == "train":
             normaliser = normaliser * self._accumulation_steps() / self.args.steps_per_generation
         return normaliser
@@ -682,10 +683,7 @@ class _SDPOTrainerMixin:
             return (per_token * mask).sum() / mask.sum().clamp(min=1.0) / accumulation
         if self.loss_type == "dr_grpo":
             return (per_token * mask).sum() / (per_token.size(0) * self.max_completion_length) / accumulation
-        normaliser = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
-        if mode == "train":
-            normaliser = normaliser * self._accumulation_steps() / self.args.steps_per_generation
-        return (per_token * mask).sum() / normaliser
+        return (per_token * mask).sum() / self._per_step_and_process(inputs["num_items_in_batch"], mode)
 
     # ------------------------------------------------------------------------------------ logging
 

@@ -38,6 +38,14 @@ _LEGACY_KINDS = {"ema-copy": "full-copy", "trust-region-copy": "trust-region/ful
 # ---------------------------------------------------------------------------------------------- non-finite steps
 
 
+def finite_flags(tensors: list[torch.Tensor]) -> list[bool]:
+    """Per tensor, whether all its entries are finite: one fused norm pass (any NaN or inf makes the norm so)."""
+    if not tensors:
+        return []
+    norms = torch._foreach_norm(tensors)
+    return torch.isfinite(torch.stack([n.float().to(norms[0].device) for n in norms])).tolist()
+
+
 class NonFiniteStepGuard(TrainerCallback):
     """Drops the update of any optimizer step whose gradients are not all finite.
 
@@ -71,11 +79,8 @@ class NonFiniteStepGuard(TrainerCallback):
         if self._verdict is None or self._verdict[0] != step:
             # local shards (FSDP2 DTensors): no collective per tensor; the verdict is combined across ranks below
             named = [(n, getattr(g, "_local_tensor", g)) for n, g in self.named_gradients() if g is not None]
-            bad: list[str] = []
-            if named:
-                norms = torch._foreach_norm([g for _, g in named])
-                finite = torch.isfinite(torch.stack([n.float().to(norms[0].device) for n in norms]))
-                bad = [name for (name, _), ok in zip(named, finite.tolist()) if not ok]
+            finite = finite_flags([g for _, g in named])
+            bad = [name for (name, _), ok in zip(named, finite) if not ok]
             if not named and self.optimizer_skipped is not None and self.optimizer_skipped():
                 bad = ["(the optimizer's own overflow check: it skipped the step)"]
             self._verdict = (step, self.all_reduce_flag(not bad), bad)

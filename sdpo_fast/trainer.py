@@ -42,6 +42,7 @@ from .ema import EMATeacherCallback, ema_period
 from .faults import (
     NonFiniteStepGuard,
     check_checkpoint_matches,
+    finite_flags,
     load_teacher,
     save_teacher,
     upgrade_legacy,
@@ -775,11 +776,7 @@ class _SDPOTrainerMixin:
 def _all_finite(params) -> bool:
     """Whether every floating-point parameter's local part (DTensor shard, ZeRO-3 partition) is finite."""
     local = [getattr(p, "ds_tensor", getattr(p, "_local_tensor", p)).detach() for p in params]
-    local = [t for t in local if torch.is_floating_point(t) and t.numel()]
-    if not local:
-        return True
-    norms = torch._foreach_norm(local)
-    return bool(torch.isfinite(torch.stack([n.float().to(norms[0].device) for n in norms])).all())
+    return all(finite_flags([t for t in local if torch.is_floating_point(t) and t.numel()]))
 
 
 def _check_zero3_peft(args: GRPOConfig, peft: bool) -> None:

@@ -118,6 +118,15 @@ def word_reward_with_feedback(completions, answer, choices, **kwargs) -> list[di
     return out
 
 
+def complete_all(model, tokenizer, prompts: list, *, seed: int | None = None, **sampling) -> list[str]:
+    """`sample_completions` over any number of prompts, 32 per `generate` call; chunk i is seeded `seed + 32·i`."""
+    outs = []
+    for start in range(0, len(prompts), 32):
+        seeded = {} if seed is None else {"seed": seed + start}
+        outs += sample_completions(model, tokenizer, prompts[start : start + 32], **seeded, **sampling)
+    return outs
+
+
 def measure_task(model, tokenizer, rows: list[dict], *, n: int, temperature: float, max_tokens: int) -> dict:
     """Accuracy (sampling like the rollouts) alone, after a correct demonstration, and after the feedback."""
     picked = [rows[i % len(rows)] for i in range(n)]
@@ -133,12 +142,7 @@ def measure_task(model, tokenizer, rows: list[dict], *, n: int, temperature: flo
         )
     result = {}
     for kind, batch in prompts.items():
-        outs = []
-        for start in range(0, n, 32):
-            outs += sample_completions(
-                model, tokenizer, batch[start : start + 32], max_new_tokens=max_tokens, seed=start,
-                temperature=temperature,
-            )  # fmt: skip
+        outs = complete_all(model, tokenizer, batch, max_new_tokens=max_tokens, seed=0, temperature=temperature)
         got = [first_listed_word(o, r["choices"].split(",")) for o, r in zip(outs, picked)]
         result[f"{kind}_accuracy"] = sum(g == r["answer"] for g, r in zip(got, picked)) / n
         result[f"{kind}_answers_a_listed_word"] = sum(g is not None for g in got) / n
@@ -182,10 +186,8 @@ class HeldOutAccuracy(TrainerCallback):
     def evaluate(self, model, step: int) -> None:
         training = model.training
         model.eval()
-        outs = []
-        for start in range(0, len(self.rows), 32):
-            batch = [user_turn(r["question"]) for r in self.rows[start : start + 32]]
-            outs += sample_completions(model, self.tokenizer, batch, max_new_tokens=self.max_tokens, greedy=True)
+        batch = [user_turn(r["question"]) for r in self.rows]
+        outs = complete_all(model, self.tokenizer, batch, max_new_tokens=self.max_tokens, greedy=True)
         model.train(training)
         right = [first_listed_word(o, r["choices"].split(",")) == r["answer"] for o, r in zip(outs, self.rows)]
         self.curve.append((step * self.generations_per_step, sum(right) / len(right)))

@@ -23,6 +23,47 @@ def test_kernels_is_not_a_top_level_module(tmp_path):
     assert Path(out.stdout.strip()).resolve() == (ROOT / "kernels").resolve()
 
 
+def _from_root(*args):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_a_checkout_imports_with_hugging_faces_kernels():
+    """From the repository root (on sys.path as '' for -c and -m), the root's kernels/ must not shadow HF `kernels`,
+    which transformers >= 5.25 requires: the trainer imports, the CLI runs, and `import kernels` is HF's or absent."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = _from_root("-c", "from sdpo_fast import SDPOTrainer, SDPOConfig; from trl import GRPOTrainer; print('ok')")
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+    out = _from_root("-m", "sdpo_fast.pretrained", "--help")
+    assert out.returncode == 0 and "usage" in out.stdout, out.stderr[-2000:]
+    probe = (
+        "import pathlib, sys\n"
+        "try:\n    import kernels\nexcept ModuleNotFoundError:\n    print('absent'); sys.exit()\n"
+        "print(pathlib.Path(kernels.__file__).resolve())\n"
+    )
+    out = _from_root("-c", probe)
+    assert out.returncode == 0, out.stderr[-2000:]
+    try:
+        version("kernels")
+    except PackageNotFoundError:
+        assert out.stdout.strip() == "absent"
+    else:
+        where = Path(out.stdout.strip())
+        assert ROOT not in where.parents, f"`import kernels` from the root found the checkout's folder: {where}"
+    # and the project's own kernels stay reachable under their installed name from the root too
+    out = _from_root("-c", "import sdpo_fast.kernels.function as f; print(f.__file__)")
+    assert out.returncode == 0 and Path(out.stdout.strip()).resolve() == (ROOT / "kernels" / "function.py").resolve()
+
+
+def test_newest_transformers_is_tested_with_hf_kernels():
+    """transformers 5.25 made HF `kernels` a requirement; where it is installed, so must `kernels` be."""
+    from importlib.metadata import version
+
+    major, minor = (int(x) for x in version("transformers").split(".")[:2])
+    if (major, minor) >= (5, 25):
+        assert version("kernels")
+
+
 def test_readme_quick_start_has_exactly_two_pip_install_commands():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     block = re.search(r"## Quick start.*?```(?:bash|sh)?\n(.*?)```", readme, re.S)

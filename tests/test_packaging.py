@@ -102,3 +102,15 @@ def test_kernels_depend_on_nothing_in_sdpo_fast():
             if escapes or any(n == "sdpo_fast" or n.startswith("sdpo_fast.") for n in names):
                 offenders.append(f"{path.name}:{node.lineno}")
     assert not offenders, f"kernels/ imports from sdpo_fast at {offenders}"
+
+
+def test_every_subpackage_is_listed_for_setuptools():
+    """`[tool.setuptools] packages` is an explicit list, so a subpackage missing from it is missing from the wheel
+    (an editable install still finds it, which is how `sdpo_fast.teacher` once went unnoticed)."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "sdpo_fast").rglob("__init__.py")} | {
+        "sdpo_fast.kernels"
+    }
+    assert found <= listed, f"add {sorted(found - listed)} to [tool.setuptools] packages in pyproject.toml"

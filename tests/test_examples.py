@@ -1,4 +1,4 @@
-"""The examples and the quick-start notebook, run the way users run them (`--smoke`, on the CPU, offline).
+"""The examples, the toy experiment and the quick-start notebook, run the way users run them (`--smoke`, CPU, offline).
 
 The code sandbox that `examples/sdpo_rich_feedback.py` uses is `sdpo_fast.sandbox`, tested in test_sandbox.py."""
 
@@ -16,6 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
+TOY = ROOT / "experiments" / "toy"  # the SDPO-vs-GRPO toy experiment, which reuses the examples' plumbing
 NOTEBOOK = EXAMPLES / "notebooks" / "sdpo_quickstart.ipynb"
 sys.path.insert(0, str(EXAMPLES))
 
@@ -28,11 +29,13 @@ def _env() -> dict[str, str]:
     return env
 
 
-def run_example(name: str, tmp_path: Path, *extra: str, timeout: int = 180) -> tuple[str, dict[str, str]]:
-    """Run `examples/<name> --smoke --output-dir tmp_path`; return stdout and its parsed summary block."""
+def run_example(
+    name: str, tmp_path: Path, *extra: str, timeout: int = 180, where: Path = EXAMPLES
+) -> tuple[str, dict[str, str]]:
+    """Run `<where>/<name> --smoke --output-dir tmp_path`; return stdout and its parsed summary block."""
     start = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, str(EXAMPLES / name), "--smoke", "--output-dir", str(tmp_path), *extra],
+        [sys.executable, str(where / name), "--smoke", "--output-dir", str(tmp_path), *extra],
         capture_output=True,
         text=True,
         cwd=tmp_path,
@@ -88,7 +91,7 @@ def test_sdpo_rich_feedback_smoke(tmp_path):
 
 @pytest.mark.slow
 def test_sdpo_vs_grpo_smoke(tmp_path):
-    out, summary = run_example("sdpo_vs_grpo.py", tmp_path)
+    out, summary = run_example("sdpo_vs_grpo.py", tmp_path, where=TOY)
     data = check_summary_json(tmp_path, summary)
     png = tmp_path / "reward_vs_generations.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000

@@ -1,8 +1,8 @@
 """Why is SDPO with demonstrations only slower than GRPO on the built-in toy? A sweep that tells.
 
-    python examples/toy_demos_only_study.py                 # about 15 minutes on 2 CPU cores
-    python examples/toy_demos_only_study.py --grid followup # lower rates; lone successes that teach themselves
-    python examples/toy_demos_only_study.py --smoke         # seconds: checks the plumbing only
+    python experiments/toy/toy_demos_only_study.py                 # about 15 minutes on 2 CPU cores
+    python experiments/toy/toy_demos_only_study.py --grid followup # lower rates; lone successes that teach themselves
+    python experiments/toy/toy_demos_only_study.py --smoke         # seconds: checks the plumbing only
 
 The same warmed-up tiny model, task ("secret codes"), seeds and budget as `sdpo_vs_grpo.py`. GRPO and SDPO
 (demos only) run over a wider range of learning rates, and SDPO also with the divergence's other ends
@@ -16,7 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
+
+# The examples' plumbing is shared with the experiments (see sdpo_vs_grpo.py); the sibling script is on the path.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 
 from _common import Timer, set_seed
 from sdpo_vs_grpo import SecretCodes, generations_to_target, median, run_method, smoothed, warm_up_tiny_model

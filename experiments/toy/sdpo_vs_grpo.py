@@ -1,8 +1,8 @@
 """SDPO against GRPO on one task, with the same seeds and the same generation budget.
 
-    python examples/sdpo_vs_grpo.py                      # built-in tiny model, CPU, a few minutes
-    python examples/sdpo_vs_grpo.py --smoke              # seconds: checks the plumbing only
-    python examples/sdpo_vs_grpo.py --model Qwen/Qwen2.5-0.5B-Instruct --max-steps 100 --seeds 1
+    python experiments/toy/sdpo_vs_grpo.py                      # built-in tiny model, CPU, a few minutes
+    python experiments/toy/sdpo_vs_grpo.py --smoke              # seconds: checks the plumbing only
+    python experiments/toy/sdpo_vs_grpo.py --model Qwen/Qwen2.5-0.5B-Instruct --max-steps 100 --seeds 1
 
 Every run goes through `SDPOTrainer`; GRPO is `SDPOConfig(enabled=False)`, so all arms share the data
 order, the sampler and every `GRPOConfig` setting, seed by seed. The script writes
@@ -32,9 +32,14 @@ import copy
 import json
 import math
 import random
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+# The examples' plumbing (arguments, the tiny model, its warm-up, summaries) is shared with this experiment;
+# the experiment depends on the examples, never the other way round.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 
 from _common import (
     Timer,

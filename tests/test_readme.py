@@ -1,4 +1,5 @@
-"""The README stays true: its GRPOTrainer-style snippet runs verbatim, and its config table is complete."""
+"""The README stays true: its GRPOTrainer-style snippet runs verbatim, its config table is complete, and every
+link in it and in docs/ leads somewhere."""
 
 from __future__ import annotations
 
@@ -68,9 +69,48 @@ def test_untrusted_code_snippet_runs_verbatim():
 
 
 def test_every_file_in_the_module_table_exists():
-    table = README.split("One file per capability:", 1)[1].split("\n\n", 2)[1]
+    # The module table moved with the design notes from the README to docs/design.md.
+    design = (Path(__file__).resolve().parents[1] / "docs" / "design.md").read_text(encoding="utf-8")
+    table = design.split("One file per capability:", 1)[1].split("\n\n", 2)[1]
     root = Path(__file__).resolve().parents[1]
     paths = re.findall(r"`((?:sdpo_fast|kernels)/[\w/.]*)`", table)
     assert len(paths) >= 10
     for path in paths:
         assert (root / path).exists(), path
+
+
+# Written by the real-model experiment's own change; until it lands, a link to it is expected to dangle.
+PENDING_PAGES = {"docs/real_model_experiment.md", "docs/when_sdpo_helps.md"}
+
+
+def _github_anchor(heading: str) -> str:
+    """GitHub's heading slug: lower case, punctuation dropped (word characters, spaces and hyphens kept), spaces to '-'."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_relative_link_in_the_readme_and_docs_resolves():
+    root = Path(__file__).resolve().parents[1]
+    pages = [
+        root / "README.md",
+        *sorted((root / "docs").glob("*.md")),
+        *sorted((root / "experiments").rglob("README.md")),
+    ]
+    checked = 0
+    for page in pages:
+        text = re.sub(r"```.*?```", "", page.read_text(encoding="utf-8"), flags=re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue  # a web address
+            path, _, anchor = target.partition("#")
+            dest = (page.parent / path).resolve() if path else page
+            where = f"{page.relative_to(root)} links to {target}"
+            if dest.relative_to(root).as_posix() in PENDING_PAGES and not dest.exists():
+                continue
+            assert dest.exists(), where
+            if anchor:
+                headings = re.findall(r"^#+ (.+)$", dest.read_text(encoding="utf-8"), re.M)
+                assert anchor in {_github_anchor(h) for h in headings}, where
+            checked += 1
+    assert checked >= 20
+    for pending in PENDING_PAGES:
+        assert not (root / pending).exists(), f"{pending} exists now: remove it from PENDING_PAGES"

@@ -1,4 +1,6 @@
-"""An independent float64 oracle for SDPO, written from the formulas of the reference spec (§1.2–1.7).
+"""An independent float64 oracle for SDPO, written from the formulas of the paper
+(arXiv 2601.20802) and of `compute_self_distillation_loss` in the reference, lasgroup/SDPO at commit 0e6d510
+(`verl/trainer/ppo/core_algos.py`: top-K inputs, tail bucket, divergence, token-level variant, IS ratio, masking).
 
 It deliberately shares no code with `sdpo_fast`: probabilities are handled as probabilities,
 loops run per sequence, and nothing calls `F.kl_div`, so a bug in the package cannot hide here.

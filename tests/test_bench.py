@@ -209,8 +209,9 @@ def test_lse_floor_matches_a_full_logit_cross_entropy(bench_modules):
 
 def test_topk_replay_backs_the_threshold_scheme(bench_modules):
     """bench/topk_sim.py backs the design note: our stale threshold reads each tile about once and buffers a few K
-    candidates per row; the issue's scheme (τ including the tile being swept) buffers fewer but reads every tile
-    twice; ascending logits defeat any threshold (the candidate buffer overflows and the exact fallback runs)."""
+    candidates per row; the first-proposed scheme (`"issue"` in topk_sim: τ including the tile being swept) buffers
+    fewer but reads every tile twice; ascending logits defeat any threshold (the candidate buffer overflows and the
+    exact fallback runs)."""
     sim = bench_modules["topk_sim"]
     z = sim.logits("iid", 8, 81920)
     ours = sim.replay(z, 20, 8192, 16, "stale")

@@ -89,7 +89,7 @@ def test_valid_edge_values_are_accepted():
     assert SDPOConfig().to_dict()["distillation_topk"] == 100
 
 
-# ------------------------------------------------------------------ issue 14: wrong types and non-finite numbers
+# ------------------------------------------------------------------ wrong types and non-finite numbers
 
 BOOL_FIELDS = [f.name for f in dataclasses.fields(SDPOConfig) if f.type == "bool"]
 

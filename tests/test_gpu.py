@@ -120,8 +120,9 @@ def _confident_inputs(n, hidden, vocab, k, gap, shift, seed=0, device="cuda"):
 # p_tail ≈ 4e−4, 2e−5 and 4e−8 (clamped) at V=151936, K=20
 @pytest.mark.parametrize(("gap", "shift"), [(17, 0.0), (20, 1e4), (26, -1e4)])
 def test_exact_tails_at_model_scale(gap, shift):
-    """Issue 14: forward KL with a confident student and the teacher's mode outside its top-K, in fp32 (fp32
-    GEMMs, so the gradients too must match the float64 oracle to 1e−5) at a real vocabulary."""
+    """The exact tails (docs/kernels.md, "Exact in fp32"): forward KL with a confident student and the teacher's mode
+    outside its top-K, in fp32 (fp32 GEMMs, so the gradients too must match the float64 oracle to 1e−5) at a real
+    vocabulary."""
     h_s, w_s, h_t, w_t, y = _confident_inputs(64, 64, 151936, 20, gap, shift)
     g_lp = torch.randn(64, device="cuda")
     for alpha in (0.0, 0.5, 1.0):

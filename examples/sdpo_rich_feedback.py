@@ -9,12 +9,14 @@ sandbox (bubblewrap: its own user, PID, network and mount namespaces, a read-onl
 rlimits and a timeout) and returns `{"score": 0.0 or 1.0, "feedback": str}`. The feedback follows the
 reference implementation's shape for code (LiveCodeBench-style): only failing tests, at most two, shortest
 input first, values cut to 250 characters, the whole text capped at 2000; a runtime error, a timeout or a
-format error is shown alone. SDPO's teacher reads that feedback (or a passing sibling's code) and the policy
+format error is shown alone. Each row's unit tests are stored as JSON text (a dataset column holds one type,
+and unit tests mix ints, strings, lists and None); `CodeReward` decodes them. SDPO's teacher reads that feedback (or a passing sibling's code) and the policy
 is distilled towards it. Without bubblewrap (`pip install "sdpo-fast[sandbox]"`) the reward refuses to run.
 """
 
 from __future__ import annotations
 
+import json
 import random
 from typing import Any
 
@@ -69,7 +71,7 @@ def problem_rows() -> list[dict[str, Any]]:
             f"Write a Python function `{signature}` that returns {returns}. "
             "Answer with the complete function in a single ```python code block and nothing else."
         )
-        tests = [{"input": i, "output": solve(*i)} for i in inputs]
+        tests = json.dumps([{"input": i, "output": solve(*i)} for i in inputs])  # text: one type per column
         rows.append({"prompt": user_turn(prompt), "tests": tests, "entry_point": signature.partition("(")[0]})
     return rows
 
@@ -87,7 +89,7 @@ def tiny_rows() -> list[dict[str, Any]]:
     for word, op in OPS.items():
         for d in range(10):
             prompt = f"Write a python function f that returns x {word} {d}."
-            tests = [{"input": [x], "output": eval(f"{x} {op} {d}")} for x in (0, 1, 2, 5, 7)]
+            tests = json.dumps([{"input": [x], "output": eval(f"{x} {op} {d}")} for x in (0, 1, 2, 5, 7)])
             rows.append({"prompt": user_turn(prompt), "tests": tests, "entry_point": "f"})
     return rows
 

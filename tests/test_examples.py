@@ -201,4 +201,5 @@ def test_rich_feedback_example_uses_the_library_sandbox():
         assert getattr(rich, name) is getattr(sandbox, name), name
     assert "_RUNNER" not in vars(rich) and "audit" not in vars(rich)  # no in-process sandbox of its own
     rows = rich.tiny_rows()
-    assert len(rows) == 30 and rows[0]["entry_point"] == "f" and rows[0]["tests"][1] == {"input": [1], "output": 1}
+    tests = sandbox.parse_tests(rows[0]["tests"])  # stored as JSON text: one type per dataset column
+    assert len(rows) == 30 and rows[0]["entry_point"] == "f" and tests[1] == {"input": [1], "output": 1}

@@ -21,12 +21,15 @@ from pathlib import Path
 
 import pytest
 
-from sdpo_fast import _seccomp, sandbox
+from sdpo_fast import sandbox
 from sdpo_fast.sandbox import (
     CodeReward,
     SandboxLimits,
     SandboxUnavailableError,
+    _seccomp,
     format_test_feedback,
+    process,
+    report,
     run_tests,
     sandbox_status,
 )
@@ -414,7 +417,7 @@ def test_recursion_bomb_and_garbage_in_the_report_are_failed_tests_not_exception
     assert not any(r.passed for r in bombed[0]) and bombed[1].startswith("Runtime Error")
     assert nested[0][0].status == "wrong_answer" and nested[0][0].actual == "<a value nested too deeply to show>"
     # and the parser alone, on the raw bytes:
-    events, malformed = sandbox._parse(payload, complete=True)
+    events, malformed = report._parse(payload, complete=True)
     assert events == [{"event": "result", "index": 99, "value": 4}] and malformed == 5
 
 
@@ -566,13 +569,14 @@ def test_a_bwrap_that_cannot_build_the_sandbox_is_explained(tmp_path, monkeypatc
     fake = tmp_path / "bwrap"
     fake.write_text("#!/bin/sh\necho 'bwrap: No permissions to create new namespace' >&2\nexit 1\n")
     fake.chmod(0o755)
+    tmp_path.chmod(0o755)  # a root trainer's sandbox starts bwrap as uid 65534, which must reach it
     with pytest.raises(SandboxUnavailableError, match=r"No permissions to create new namespace.*user namespaces"):
         run_tests("def f(x):\n    return x", "f", ONE, SandboxLimits(bwrap=str(fake)))
 
 
 def test_unsandboxed_runs_only_on_explicit_opt_in(monkeypatch):
     monkeypatch.delenv(sandbox.ALLOW_UNSANDBOXED_ENV, raising=False)
-    sandbox._warn_unsandboxed.cache_clear()
+    sandbox.isolation._warn_unsandboxed.cache_clear()
     opted_in = SandboxLimits(bwrap="/nonexistent/bwrap", allow_unsandboxed=True, timeout_s=5.0)
     with pytest.warns(RuntimeWarning, match="WITHOUT isolation"):
         records = run_tests("def f(x):\n    return x + 3", "f", ADD3, opted_in)
@@ -585,8 +589,8 @@ def test_unsandboxed_runs_only_on_explicit_opt_in(monkeypatch):
 
 @needs_bwrap
 def test_a_sandbox_that_does_not_start_is_retried_once_then_an_error(monkeypatch):
-    real, calls = sandbox._execute_job, []
-    failed = sandbox._Run(
+    real, calls = process._execute_job, []
+    failed = process._Run(
         b"", b"bwrap: Creating new namespace failed: Resource temporarily unavailable", 1, False, True
     )
 
@@ -594,10 +598,10 @@ def test_a_sandbox_that_does_not_start_is_retried_once_then_an_error(monkeypatch
         calls.append(1)
         return failed if len(calls) <= fail_times else real(job, limits, bwrap)
 
-    monkeypatch.setattr(sandbox, "_execute_job", lambda *a: flaky(*a, fail_times=1))
+    monkeypatch.setattr(process, "_execute_job", lambda *a: flaky(*a, fail_times=1))
     assert run_tests("def f(x):\n    return x + 3", "f", ADD3, LIMITS)[0].passed and len(calls) == 2
     calls.clear()
-    monkeypatch.setattr(sandbox, "_execute_job", lambda *a: flaky(*a, fail_times=2))
+    monkeypatch.setattr(process, "_execute_job", lambda *a: flaky(*a, fail_times=2))
     with pytest.raises(SandboxUnavailableError, match=r"did not start \(twice\): bwrap: Creating new namespace"):
         run_tests("def f(x):\n    return x + 3", "f", ADD3, LIMITS)
 

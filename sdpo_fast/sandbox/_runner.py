@@ -7,6 +7,7 @@ expected outputs never come here, and the parent compares, bounds and validates 
 tampering only spoils the candidate's own report. The isolation is bubblewrap's, not this file's.
 """
 
+import hashlib
 import io
 import json
 import os
@@ -14,7 +15,7 @@ import resource
 import sys
 import traceback
 
-MAX_VALUE_CHARS = 100_000  # a returned value larger than this (as JSON) is reported by a short repr only
+PREVIEW_CHARS = 1000  # what is shown of a value sent as a digest, or of one that is not JSON
 MAX_STDOUT_CHARS = 4000  # the tail of what the candidate printed during one test
 
 
@@ -31,6 +32,7 @@ def main() -> None:
         report.write(json.dumps(record) + "\n")
 
     limit_self(job["limits"])
+    budget = [job["limits"]["value_chars"]]  # returned values sent in full, all tests together
     emit(event="ready")
     namespace = {"__name__": "__main__"}
     try:
@@ -52,7 +54,7 @@ def main() -> None:
             emit(event="error", index=index, error=describe(err), stdout=buffer.getvalue()[-MAX_STDOUT_CHARS:])
             return
         sys.stdout = sys.__stdout__
-        emit(event="result", index=index, stdout=buffer.getvalue()[-MAX_STDOUT_CHARS:], **encode(value))
+        emit(event="result", index=index, stdout=buffer.getvalue()[-MAX_STDOUT_CHARS:], **encode(value, budget))
 
 
 def limit_self(limits: dict) -> None:
@@ -79,14 +81,18 @@ def describe(err: BaseException) -> str:
         return type(err).__name__
 
 
-def encode(value) -> dict:
+def encode(value, budget: list) -> dict:
+    """The value in full while the report has room; beyond, its digest (exact comparison) and a preview."""
     try:
         text = json.dumps(value)
     except (TypeError, ValueError, RecursionError, OverflowError):
-        return {"repr": safe_repr(value, MAX_VALUE_CHARS)}
-    if len(text) > MAX_VALUE_CHARS:
-        return {"repr": safe_repr(value, 1000), "too_large": True}
-    return {"value": value}
+        return {"repr": safe_repr(value, PREVIEW_CHARS)}
+    if len(text) <= budget[0]:
+        budget[0] -= len(text)
+        return {"value": value}
+    canonical = json.dumps(json.loads(text), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    digest = hashlib.sha256(canonical.encode()).hexdigest()  # as sdpo_fast.sandbox.compare.canonical_digest
+    return {"repr": text[:PREVIEW_CHARS], "digest": digest, "chars": len(text)}
 
 
 def safe_repr(value, chars: int) -> str:

@@ -2,12 +2,13 @@
 
 Namespaces already hide the host; the filter narrows what is left inside them. It refuses (EPERM) new
 processes (threads stay allowed), namespace and mount calls, ptrace and cross-process memory access,
-kernel keyrings, BPF, io_uring, perf, module/kexec/reboot/swap/clock calls, and sockets other than
-AF_UNIX. `clone3` answers ENOSYS, so glibc falls back to `clone`, whose flags the filter can read (a
+kernel keyrings, BPF, io_uring, perf, module/kexec/reboot/swap/clock calls, memory-backed files and IPC
+that no limit counts (memfd, System V shm and message queues, POSIX message queues), changing the
+parent-death signal, and sockets other than AF_UNIX. `clone3` answers ENOSYS, so glibc falls back to `clone`, whose flags the filter can read (a
 `clone3` flag word sits behind a pointer). A foreign syscall ABI (i386/x32 on x86-64) kills the process.
 
-Why refusing new processes matters: when the trainer runs as root, the sandbox's uid 65534 maps to
-host uid 0, which the kernel exempts from RLIMIT_NPROC; only the filter stops a fork bomb there.
+Refusing new processes keeps the candidate one process (its threads counted by RLIMIT_NPROC), which
+the PID-namespace kill in `process.py` ends as a whole.
 
 Syscall numbers are per architecture; `program()` returns None on an architecture without a table
 (the sandbox then runs without the filter and says so in `sandbox_status()`).
@@ -80,8 +81,16 @@ _DENIED = {
     "ioperm": (173, None),
     "uselib": (134, None),
     "lookup_dcookie": (212, 18),
+    # Memory outside the address-space limit and outside the one bounded tmpfs (/tmp): memfd files,
+    # System V shared memory and message queues, POSIX message queues.
+    "memfd_create": (319, 279),
+    "memfd_secret": (447, 447),
+    "shmget": (29, 194),
+    "msgget": (68, 186),
+    "mq_open": (240, 180),
 }
-_CLONE, _CLONE3, _SOCKET = (56, 220), (435, 435), (41, 198)
+_CLONE, _CLONE3, _SOCKET, _PRCTL = (56, 220), (435, 435), (41, 198), (157, 167)
+_PR_SET_PDEATHSIG = 1  # clearing it would let the candidate outlive a killed trainer
 _ARCHES = {  # machine → (AUDIT_ARCH_*, column in the tables above)
     "x86_64": (0xC000003E, 0),
     "aarch64": (0xC00000B7, 1),
@@ -112,7 +121,11 @@ def program(machine: str | None = None) -> bytes | None:
         ("jeq", _CLONE[column], "clone", None),
         ("jeq", _CLONE3[column], "enosys", None),
         ("jeq", _SOCKET[column], "socket", None),
+        ("jeq", _PRCTL[column], "prctl", None),
         ("ret", _RET_ALLOW),
+        "prctl",
+        ("ld", _ARG0),
+        ("jeq", _PR_SET_PDEATHSIG, "deny", "allow"),
         "clone",  # a thread (CLONE_THREAD, no new namespace) is fine; a new process is not
         ("ld", _ARG0),
         ("jset", _CLONE_NAMESPACES, "deny", None),

@@ -38,7 +38,7 @@ class SCSDPOObjective(SDPOObjective):
     name = "sc_sdpo"
 
     def sample_weights(self, inputs) -> torch.Tensor:
-        p = inputs["sdpo_group_pass_rate"].float().clamp(0.0, 1.0)
+        p = inputs["sdpo_group_pass_rate"].clamp(0.0, 1.0)  # kept in its dtype: a float64 oracle checks it
         return torch.sqrt(p * (1.0 - p))
 
 

@@ -11,16 +11,21 @@ from __future__ import annotations
 import math
 import numbers
 import string
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from .kernels.constants import BACKENDS
+from .objective.registry import objective_names
 
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 TEACHER_REGULARIZATIONS = ("ema", "trust-region")
 REPROMPT_TRUNCATIONS = ("middle", "left", "right", "error")
 TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
 RESUME_TEACHER_FROM = ("checkpoint", "student", "initial")
+TEACHER_REFRESH = ("ema", "frozen", "periodic")
+DEMONSTRATION_POLICIES = ("first", "random", "shortest", "longest")
+
 
 # The reference's effective templates: YAML `|-` block scalars, so no trailing newlines.
 DEFAULT_REPROMPT_TEMPLATE = "{prompt}{solution}{feedback}\n\nCorrectly solve the original question."
@@ -51,6 +56,28 @@ class SDPOConfig:
     grpo_weight: float = 0.0
     """*(sdpo-fast)* The paper's blend λ: loss = (1 − λ)·SDPO + λ·GRPO, both from one student
     forward. 0 is pure SDPO (the reference), 1 is pure GRPO with SDPO's bookkeeping."""
+
+    objective: str = "sdpo"
+    """*(sdpo-fast)* The objective variant, one class each in `sdpo_fast.objective` (docs/when_sdpo_helps.md
+    says which failure each addresses): `sdpo` (the reference), `sdpo_reference_norm` (the reference's
+    normaliser as shipped: a per-sequence average over *all* samples, those without a teacher included),
+    `srpo` (successful samples get the GRPO term, failed ones the SDPO term; arXiv 2604.02288), `rlsd` (the
+    reward's advantage sets the sign, the teacher the per-token magnitude; arXiv 2604.03128), `sc_sdpo` (each
+    group's SDPO loss × √(p̂(1−p̂)); arXiv 2605.27765), and `group_fallback` (a group with no success
+    contributes GRPO's term instead of nothing)."""
+
+    srpo_entropy_weighting: bool = False
+    """*(sdpo-fast)* `objective="srpo"`: weight each distilled token by 1 − H_T/log(K+1), H_T the teacher's
+    entropy over the K+1 buckets, so that uncertain teacher targets pull less (arXiv 2604.02288)."""
+
+    rlsd_lambda: float = 0.5
+    """*(sdpo-fast)* `objective="rlsd"`: λ, the share of the per-token advantage that the teacher shapes."""
+
+    rlsd_epsilon: float = 0.2
+    """*(sdpo-fast)* `objective="rlsd"`: ε, the clip of the teacher's per-token factor exp(sign(A)·Δ_t)."""
+
+    rlsd_lambda_decay_steps: int | None = None
+    """*(sdpo-fast)* `objective="rlsd"`: decay λ linearly to 0 over this many optimizer steps (None: constant)."""
 
     # ------------------------------------------------------------------ the distillation loss
     distillation_topk: int | None = 100
@@ -95,6 +122,15 @@ class SDPOConfig:
     environment_feedback_only_without_solution: bool = True
     """Use feedback only for samples that have no demonstration."""
 
+    demonstration_policy: str | Callable = "first"
+    """*(sdpo-fast)* Which successful sibling becomes the demonstration: `first` in batch order (the
+    reference), `random` (what practitioners recommend), `shortest`, `longest`, or a callable that takes the
+    candidates' texts and returns the index of the chosen one."""
+
+    demonstration_filter: Callable | None = None
+    """*(sdpo-fast)* A callable `text -> bool`; a successful completion it rejects is never a demonstration
+    (e.g. one with several answer blocks)."""
+
     reprompt_template: str = DEFAULT_REPROMPT_TEMPLATE
     """Teacher user turn. Placeholders: `{prompt}` (the original question), `{solution}`, `{feedback}`."""
 
@@ -118,6 +154,18 @@ class SDPOConfig:
     teacher_regularization: str = "ema"
     """`ema`: the teacher is an exponential moving average of the student, updated once per
     generation batch. `trust-region`: teacher logits (1 − c)·z_initial + c·z_student."""
+
+    teacher_refresh: str = "ema"
+    """*(sdpo-fast)* How the teacher follows the student: `ema` (the reference, at `teacher_update_rate`),
+    `frozen` (the initial policy for the whole run), or `periodic` (a hard copy of the student every
+    `teacher_refresh_steps` optimizer steps). Stable teachers forget less (arXiv 2607.01763)."""
+
+    teacher_refresh_steps: int = 50
+    """*(sdpo-fast)* `teacher_refresh="periodic"`: optimizer steps between hard copies."""
+
+    self_teacher_eval_steps: int | None = None
+    """*(sdpo-fast)* Run a small pre-flight self-teacher check every this many optimizer steps during
+    training and log it as `self_teacher/*` (None: never). See `sdpo_fast.preflight`."""
 
     teacher_update_rate: float = 0.05
     """EMA rate τ (teacher ← (1 − τ)·teacher + τ·student), or the trust-region mix c."""
@@ -166,6 +214,31 @@ class SDPOConfig:
         if self.is_clip is not None and not self.is_clip > 0:
             raise ValueError(f"is_clip must be > 0 or None (no importance-sampling correction), got {self.is_clip!r}.")
         _check_choice("loss_agg_mode", self.loss_agg_mode, LOSS_AGG_MODES)
+        _check_choice("objective", self.objective, objective_names())
+        _check_choice("teacher_refresh", self.teacher_refresh, TEACHER_REFRESH)
+        if not callable(self.demonstration_policy):
+            _check_choice("demonstration_policy", self.demonstration_policy, DEMONSTRATION_POLICIES)
+        if self.demonstration_filter is not None and not callable(self.demonstration_filter):
+            raise TypeError(
+                f"demonstration_filter must be a callable text -> bool or None, got {self.demonstration_filter!r}."
+            )
+        _check_unit("rlsd_lambda", self.rlsd_lambda)
+        if not self.rlsd_epsilon > 0:
+            raise ValueError(f"rlsd_epsilon must be > 0, got {self.rlsd_epsilon!r}.")
+        for name in ("rlsd_lambda_decay_steps", "teacher_refresh_steps", "self_teacher_eval_steps"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be a positive number of optimizer steps, got {value!r}.")
+        if self.objective != "sdpo" and not self.full_logit_distillation:
+            raise ValueError(
+                f"objective={self.objective!r} is built on logit-level SDPO; token-level SDPO "
+                "(full_logit_distillation=False) is available with objective='sdpo' only."
+            )
+        if self.teacher_refresh != "ema" and self.teacher_regularization == "trust-region":
+            raise ValueError(
+                f"teacher_refresh={self.teacher_refresh!r} refreshes an EMA-style teacher; the trust-region teacher "
+                "mixes logits with the initial model instead. Use teacher_regularization='ema' with it."
+            )
         _check_choice("teacher_regularization", self.teacher_regularization, TEACHER_REGULARIZATIONS)
         _check_choice("reprompt_truncation", self.reprompt_truncation, REPROMPT_TRUNCATIONS)
         _check_choice("distillation_backend", self.distillation_backend, BACKENDS)
@@ -220,7 +293,9 @@ def _check_type(name: str, value: Any, annotation: str) -> None:
             raise TypeError(f"{name} must be a number{optional}, got {value!r}.")
         if not math.isfinite(value):
             raise ValueError(f"{name} must be a finite number{optional}, got {value!r}.")
-    elif kind == "str" and not isinstance(value, str):
+    elif kind == "Callable" and not callable(value):
+        raise TypeError(f"{name} must be callable{optional}, got {value!r}.")
+    elif kind == "str" and not isinstance(value, str) and not ("Callable" in kinds and callable(value)):
         raise TypeError(f"{name} must be a string, got {type(value).__name__} {value!r}.")
 
 

@@ -1,10 +1,11 @@
-"""Reprompting: turn a group of rollouts into self-teacher contexts (reference spec §2).
+"""Reprompting: turn a group of rollouts into self-teacher contexts (the SDPO paper, arXiv 2601.20802, §3).
 
 For each rollout i the teacher sees the *same* conversation with its last user turn replaced by
 
     {question}{solution section}{feedback section}\\n\\nCorrectly solve the original question.
 
-where the solution section holds the first successful sibling of the same prompt group and the
+where the solution section holds a successful sibling of the same prompt group (the first, as in the
+reference, or as `demonstration_policy` chooses) and the
 feedback section holds the environment's feedback on i's own attempt. A rollout with neither gets
 the unchanged question and `self_distillation_mask = 0`: it contributes no loss.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import random
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -49,6 +51,9 @@ def group_key(prompt: Prompt, uid: Any = None) -> str:
     return "chat:" + json.dumps(prompt, sort_keys=True, default=str)
 
 
+DEMONSTRATION_POLICIES = ("first", "random", "shortest", "longest")
+
+
 def select_demonstrations(
     group_keys: Sequence[str],
     scores: Sequence[float],
@@ -57,11 +62,18 @@ def select_demonstrations(
     success_reward_threshold: float,
     dont_reprompt_on_self_success: bool = True,
     remove_thinking_from_demonstration: bool = True,
+    policy: str | Callable[[list[str]], int] = "first",
+    accept: Callable[[str], bool] | None = None,
+    seed: int = 0,
 ) -> list[str | None]:
-    """For each sample, the first successful sibling's completion text (batch order), or None.
+    """For each sample, one successful sibling's completion text, or None.
 
-    A success is a score ≥ the threshold (NaN never succeeds). With `dont_reprompt_on_self_success`
-    a sample never gets itself, so a lone success in its group gets no demonstration.
+    A success is a score ≥ the threshold (NaN never succeeds); `accept`, if given, must also approve its text
+    (e.g. reject a completion with several answer blocks). With `dont_reprompt_on_self_success` a sample never
+    gets itself, so a lone success in its group gets no demonstration. Among the candidates (in batch order)
+    `policy` picks: `first` (the reference), `random` (seeded by `seed` and the sample index, so every process
+    picks alike), `shortest` / `longest` (by characters, ties to the first), or a callable that takes the
+    candidates' texts and returns an index into them.
     """
     if not len(group_keys) == len(scores) == len(completions):
         raise ValueError(
@@ -70,7 +82,7 @@ def select_demonstrations(
         )
     successes: dict[str, list[int]] = {}
     for i, (key, score) in enumerate(zip(group_keys, scores)):
-        if not math.isnan(score) and score >= success_reward_threshold:
+        if not math.isnan(score) and score >= success_reward_threshold and (accept is None or accept(completions[i])):
             successes.setdefault(key, []).append(i)
     demos: list[str | None] = []
     for i, key in enumerate(group_keys):
@@ -78,9 +90,26 @@ def select_demonstrations(
         if not candidates:
             demos.append(None)
             continue
-        text = completions[candidates[0]]
+        text = completions[candidates[_pick(policy, [completions[j] for j in candidates], seed, i)]]
         demos.append(remove_thinking(text) if remove_thinking_from_demonstration else text)
     return demos
+
+
+def _pick(policy: str | Callable[[list[str]], int], texts: list[str], seed: int, sample: int) -> int:
+    if callable(policy):
+        index = policy(texts)
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(texts):
+            raise ValueError(
+                f"demonstration_policy {getattr(policy, '__name__', policy)!r} returned {index!r}; it must return "
+                f"the index (an int in [0, {len(texts)})) of the chosen candidate."
+            )
+        return index
+    if policy == "first":
+        return 0
+    if policy == "random":
+        return random.Random(seed * 1_000_003 + sample).randrange(len(texts))
+    lengths = [len(t) for t in texts]
+    return lengths.index(min(lengths) if policy == "shortest" else max(lengths))
 
 
 def usable_feedback(feedback: Sequence[str | None], include_environment_feedback: bool) -> list[str | None]:
@@ -176,6 +205,8 @@ def build_teacher_contexts(
     completions: Sequence[str],
     feedback: Sequence[str | None],
     config: SDPOConfig,
+    *,
+    seed: int = 0,
 ) -> TeacherContexts:
     """Apply demonstration selection, the feedback rules and the templates to a (global) batch."""
     n = len(prompts)
@@ -188,6 +219,9 @@ def build_teacher_contexts(
         success_reward_threshold=config.success_reward_threshold,
         dont_reprompt_on_self_success=config.dont_reprompt_on_self_success,
         remove_thinking_from_demonstration=config.remove_thinking_from_demonstration,
+        policy=config.demonstration_policy,
+        accept=config.demonstration_filter,
+        seed=seed,
     )
     available = usable_feedback(feedback, config.include_environment_feedback)
     reprompts = []

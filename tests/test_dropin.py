@@ -8,6 +8,7 @@ positional order, NaN rewards, exception types, ignored options).
 from __future__ import annotations
 
 import inspect
+import math
 
 import pytest
 import torch
@@ -167,7 +168,7 @@ def test_nan_rewards_mean_not_applicable_and_inf_is_rejected(tmp_path):
 
     trainer = make_trainer(tmp_path, reward=nan_first)
     first_batch(trainer)
-    assert torch.isnan(trainer._sdpo_batch["rewards_per_func"][0, 0])  # TRL's "not applicable", as None
+    assert math.isnan(trainer._rollouts.scores[0])  # TRL's "not applicable", as None
 
     def inf_reward(completions, **kw):
         return [float("inf")] * len(completions)
@@ -216,7 +217,7 @@ def test_grpo_options_that_pure_sdpo_ignores_are_named(tmp_path, caplog):
 def test_truncated_vllm_sampling_is_named_with_the_fix():
     from types import SimpleNamespace
 
-    from sdpo_fast.trainer import truncated_sampling_warning
+    from sdpo_fast.checks import truncated_sampling_warning
 
     def cfg(**kw):
         base = dict(use_vllm=True, vllm_importance_sampling_correction=True, top_k=0, top_p=1.0, min_p=None)
@@ -242,7 +243,7 @@ def _bf16_scorer(self, model, input_ids, attention_mask, logits_to_keep, *args, 
 
 
 def _first_pass_log_ratios(trainer, monkeypatch):
-    import sdpo_fast.trainer as trainer_module
+    import sdpo_fast.objective.base as trainer_module
 
     seen = []
     real = trainer_module.self_distillation_objective
@@ -270,7 +271,7 @@ def test_importance_ratio_is_exactly_one_on_the_first_pass(tmp_path, monkeypatch
 def test_without_the_one_scorer_the_ratio_starts_off_one(tmp_path, monkeypatch):
     """The control: TRL's (stand-in) scorer alone leaves the first-pass ratio off 1, which the IS clip acts on."""
     trainer = make_trainer(tmp_path, max_steps=1, num_iterations=2)
-    monkeypatch.setattr(trainer, "_rescore_old_logps", lambda inputs: None)
+    monkeypatch.setattr(trainer.objective, "rescore", lambda model, inputs: None)
     monkeypatch.setattr(
         type(trainer), "_get_per_token_logps_and_entropies", lambda self, *a, **k: _bf16_scorer(self, *a, **k)
     )
@@ -288,7 +289,7 @@ def test_vllm_importance_weights_use_the_heads_numerics(tmp_path, monkeypatch):
     att = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
     t = batch["completion_ids"].shape[1]
     scored, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, att, t, batch_size=2)
-    _, _, score_mask = trainer._loss_masks(batch)
+    score_mask = trainer.objective.masks(batch).score
     torch.testing.assert_close(scored[score_mask], exact[score_mask], rtol=0, atol=1e-6)
     assert not torch.isnan(exact).any()
 

@@ -11,7 +11,7 @@ from tiny_setup import make_trainer
 from transformers import TrainerCallback
 
 from sdpo_fast import SDPOConfig
-from sdpo_fast.faults import MANIFEST_FILE, TEACHER_FILE, TeacherCheckpointError, load_teacher, save_teacher
+from sdpo_fast.teacher.checkpoint import MANIFEST_FILE, TEACHER_FILE, TeacherCheckpointError, load_teacher, save_teacher
 
 # ------------------------------------------------------------------ non-finite steps
 
@@ -86,7 +86,7 @@ def test_a_nonfinite_student_is_never_blended_into_the_teacher(tmp_path):
     with torch.no_grad():
         next(trainer.model.parameters()).view(-1)[0] = float("inf")
     with pytest.warns(UserWarning, match="skipped an EMA teacher update"):
-        trainer._ema_update()
+        trainer.teacher_callback.update()
     assert torch.equal(_flat(trainer.ref_model), before)
 
 
@@ -122,7 +122,7 @@ def test_teacher_is_written_before_trainer_state_and_rotation(tmp_path, monkeypa
 
 def test_a_failed_teacher_write_keeps_the_previous_checkpoint_resumable(tmp_path, monkeypatch):
     trainer = _ckpt_trainer(tmp_path, max_steps=2, save_total_limit=1)
-    import sdpo_fast.faults as faults
+    import sdpo_fast.teacher.checkpoint as faults
 
     real_save, calls = torch.save, []
 
@@ -307,7 +307,7 @@ def test_a_differently_named_adapter_is_recognised_as_peft(tmp_path):
     """PEFT saves an adapter not named "default" one directory down; the manifest says PEFT either way."""
     import peft
 
-    from sdpo_fast.faults import check_checkpoint_matches
+    from sdpo_fast.teacher.checkpoint import check_checkpoint_matches
 
     model = peft.get_peft_model(__import__("tiny_setup").model(), _lora(), adapter_name="policy")
     trainer = _ckpt_trainer(tmp_path, max_steps=1, model_=model)

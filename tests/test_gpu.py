@@ -204,17 +204,17 @@ def test_one_scorer_gives_an_exact_first_pass_ratio_in_bf16_on_cuda(tmp_path, mo
     from tiny_setup import make_trainer
 
     trainer = make_trainer(tmp_path, use_cpu=False, bf16=True, max_steps=2, num_iterations=2)
-    real = trainer._rescore_old_logps
+    real = trainer.objective.rescore
     spent = []
 
-    def timed(inputs):
+    def timed(model, inputs):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        real(inputs)
+        real(model, inputs)
         torch.cuda.synchronize()
         spent.append(time.perf_counter() - t0)
 
-    monkeypatch.setattr(trainer, "_rescore_old_logps", timed)
+    monkeypatch.setattr(trainer.objective, "rescore", timed)
     t0 = time.perf_counter()
     seen = _first_pass_log_ratios(trainer, monkeypatch)
     total = time.perf_counter() - t0

@@ -9,9 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from sdpo_fast.ema import EMATeacherCallback, ema_period, ema_update, stochastic_round
 from sdpo_fast.forward import SDPORequest, add_sdpo_forward
 from sdpo_fast.teacher import LoraSnapshotTeacher, trust_region_head_inputs
+from sdpo_fast.teacher.ema import ema_update, stochastic_round
+from sdpo_fast.teacher.schedule import EMATeacherCallback, ema_period
 
 
 def _mlp(seed=0, dtype=torch.float32):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import math
 import re
 import warnings
 
@@ -22,8 +23,9 @@ from tiny_setup import (
 )
 from transformers import Qwen2ForCausalLM
 
-import sdpo_fast.trainer as trainer_module
+import sdpo_fast.objective.base as trainer_module  # where the trainer's objective calls the head
 from sdpo_fast import SDPOConfig, SDPOTrainer
+from sdpo_fast.objective.passes import teacher_states
 
 
 def grads_of(trainer, inputs):
@@ -151,8 +153,8 @@ def test_reward_func_dict_format_extracts_feedback(tmp_path):
         tmp_path, reward=half_success_with_feedback, sdpo=SDPOConfig(distillation_topk=10, success_reward_threshold=2.0)
     )
     inputs = first_batch(trainer)
-    assert re.fullmatch(r"expected \d+ but got something else", trainer._sdpo_batch["feedback"][0])
-    assert trainer._sdpo_batch["feedback"][1] is None
+    assert re.fullmatch(r"expected \d+ but got something else", trainer._rollouts.feedback[0])
+    assert trainer._rollouts.feedback[1] is None
     assert inputs["self_distillation_mask"].sum() == 2  # the two failing samples have feedback, no demos
     assert trainer._metrics["train"]["self_distillation/feedback_used_fraction"][-1] == 0.5
 
@@ -163,7 +165,7 @@ def test_reward_func_float_format_no_feedback(tmp_path):
     )
     with pytest.warns(UserWarning):
         inputs = first_batch(trainer)
-    assert trainer._sdpo_batch["feedback"] == [None] * 4
+    assert trainer._rollouts.feedback == [None] * 4
     assert inputs["self_distillation_mask"].sum() == 0
 
 
@@ -432,7 +434,7 @@ def test_none_scores_keep_trl_meaning(tmp_path):
 
     trainer = make_trainer(tmp_path, reward=sometimes)
     inputs = first_batch(trainer)
-    assert torch.isnan(trainer._sdpo_batch["rewards_per_func"][0, 0])
+    assert math.isnan(trainer._rollouts.scores[0])
     assert inputs["self_distillation_mask"].shape == (4,)
 
 
@@ -608,8 +610,9 @@ def test_lora_teacher_runs_without_dropout(tmp_path):
     inputs = first_batch(trainer)
     trainer.model.train()
     mask = inputs["completion_mask"].bool() & (inputs["self_distillation_mask"] > 0).unsqueeze(1)
-    first = trainer._teacher_states(trainer.model, inputs, mask)[0]
-    second = trainer._teacher_states(trainer.model, inputs, mask)[0]
+    rows = inputs["self_distillation_mask"] > 0
+    states = lambda: teacher_states(trainer.teacher, trainer.model, inputs, mask, rows, None, trainer.objective.runtime)  # noqa: E731
+    first, second = states()[0], states()[0]
     assert torch.equal(first, second) and trainer.model.training  # deterministic, and the mode is restored
 
 

@@ -7,8 +7,9 @@
     LoraSnapshotTeacher        a snapshot of the adapter, swapped into the one adapter  PEFT / LoRA
     TrustRegionTeacher         (1 − c)·z_frozen + c·z_student around any of the above  teacher_regularization="trust-region"
 
-`build_teacher` picks the kind; the EMA maths (lerp, stochastic rounding, the callback) is in
-`sdpo_fast.ema`. A new kind is one class here and one line in `build_teacher`. The teacher is never
+`build_teacher` picks the kind. The teacher's lifecycle lives beside it: the EMA maths (lerp, stochastic
+rounding) in `ema.py`, when it runs (EMA, periodic copy, frozen) in `schedule.py`, its checkpoint file in
+`checkpoint.py`. A new kind is one class here and one line in `build_teacher`. The teacher is never
 a third model: the full copy is the trainer's `ref_model` (GRPO's KL penalty is off under SDPO),
 and the LoRA teacher has no model at all.
 """
@@ -57,5 +58,6 @@ def build_teacher(student, sdpo_config, accelerator) -> Teacher:
         teacher = kind.from_student(student, accelerator, dtype)
     if sdpo_config.teacher_regularization == "trust-region":
         return TrustRegionTeacher(teacher, sdpo_config.teacher_update_rate, accelerator)
-    teacher.ema_rate = sdpo_config.teacher_update_rate
+    # only the EMA blends at teacher_update_rate; a periodic teacher is copied whole, a frozen one never changes
+    teacher.ema_rate = sdpo_config.teacher_update_rate if sdpo_config.teacher_refresh == "ema" else 0.0
     return teacher

@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from ..distributed import full_weight, reshard_fsdp2, shard_fsdp2_per_layer
-from ..ema import ema_update
 from ..forward import SDPORequest, add_sdpo_forward, strip_sdpo_forward
 from .base import Teacher
+from .ema import ema_update
 
 
 def frozen_copy(student: nn.Module, dtype: torch.dtype) -> nn.Module:

@@ -19,9 +19,9 @@ import contextlib
 import torch
 
 from ..distributed import full_weight
-from ..ema import _normalise_name, ema_update, local_shard
 from ..forward import SDPORequest, eval_mode
 from .base import Teacher
+from .ema import _normalise_name, ema_update, local_shard
 
 
 def _fit(tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:

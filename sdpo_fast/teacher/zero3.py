@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from ..distributed import is_zero3_param, zero3_gathered
-from ..ema import _normalise_name, ema_update
 from ..forward import add_sdpo_forward
+from .ema import _normalise_name, ema_update
 from .full_copy import FullCopyTeacher, frozen_copy
 
 

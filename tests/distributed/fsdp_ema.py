@@ -1,4 +1,4 @@
-"""`sdpo_fast.ema.ema_update` on FSDP2-sharded models, two CPU processes (gloo).
+"""`sdpo_fast.teacher.ema.ema_update` on FSDP2-sharded models, two CPU processes (gloo).
 
 Launched by `tests/test_distributed.py` as
 
@@ -25,7 +25,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
-from sdpo_fast.ema import ema_update
+from sdpo_fast.teacher.ema import ema_update
 from sdpo_fast.testing import tiny_qwen2, tiny_tokenizer
 
 RATE = 0.25

@@ -125,7 +125,7 @@ def main(mode: str, out_dir: Path) -> None:
     from trl import GRPOConfig
 
     from sdpo_fast import SDPOConfig, SDPOTrainer
-    from sdpo_fast.faults import TEACHER_FILE as TEACHER_CHECKPOINT_FILE
+    from sdpo_fast.teacher.checkpoint import TEACHER_FILE as TEACHER_CHECKPOINT_FILE
     from sdpo_fast.testing import tiny_qwen2, tiny_tokenizer
 
     rank = int(os.environ["RANK"])

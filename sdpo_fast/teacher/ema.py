@@ -1,5 +1,5 @@
-"""The EMA maths of the self-teacher: θ_T ← (1 − τ)·θ_T + τ·θ_S, stochastic rounding for
-low-precision teachers, and the once-per-generation-batch callback (reference spec §3).
+"""The EMA maths of the self-teacher: θ_T ← (1 − τ)·θ_T + τ·θ_S, with stochastic rounding for low-precision
+teachers (the SDPO paper, arXiv 2601.20802, §3; when it runs is `schedule.py`'s job).
 
 Teacher *kinds* (a full copy, a LoRA snapshot, ZeRO-3…) live in `sdpo_fast.teacher`; each hands
 this module matching tensors (whole parameters, or the local shards of identically sharded ones).
@@ -7,11 +7,10 @@ this module matching tensors (whole parameters, or the local shards of identical
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import nn
-from transformers import TrainerCallback
 
 # Wrapper prefixes that distributed/compile wrappers insert into parameter names.
 _WRAPPER_TOKENS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
@@ -116,67 +115,3 @@ def _lerp_stochastic(t: torch.Tensor, s: torch.Tensor, rate: float, generator: t
 def _generator_on(device: torch.device, like: torch.Generator) -> torch.Generator:
     """A generator on `device` seeded like `like` (seeded alike on every rank, so replicas stay identical)."""
     return torch.Generator(device=device).manual_seed(like.initial_seed())
-
-
-def ema_period(num_iterations: int, steps_per_generation: int, gradient_accumulation_steps: int) -> int:
-    """Optimizer steps per generation batch (× iterations): how often the reference's EMA fires."""
-    return max(1, (num_iterations * steps_per_generation) // gradient_accumulation_steps)
-
-
-class EMATeacherCallback(TrainerCallback):
-    """Updates the teacher once per generation batch, like the reference does once per training step.
-
-    It fires on optimizer steps `period, 2·period, …` with `period = num_iterations ×
-    steps_per_generation / gradient_accumulation_steps`, and skips the update when every optimizer
-    step of that window had non-finite gradients (the reference skips such steps and, if none was
-    finite, the EMA too).
-
-    Args:
-        update: performs one EMA update (closes over teacher, student and rate).
-        period: optimizer steps between updates.
-        gradients: returns the student's gradient tensors, to check finiteness before each step.
-        all_reduce_flag: combines the per-process finiteness flag (sharded gradients differ by rank).
-        step_finite: instead of `gradients`, returns whether the coming step's gradients are finite
-            (given the trainer state); the trainer passes its `NonFiniteStepGuard`'s verdict.
-    """
-
-    def __init__(
-        self,
-        update: Callable[[], None],
-        period: int,
-        gradients: Callable[[], list[torch.Tensor]] | None = None,
-        all_reduce_flag: Callable[[bool], bool] | None = None,
-        step_finite: Callable[[object], bool] | None = None,
-    ):
-        if period < 1:
-            raise ValueError(f"period must be ≥ 1 optimizer step, got {period}.")
-        self.update = update
-        self.period = period
-        self.gradients = gradients
-        self.all_reduce_flag = all_reduce_flag or (lambda flag: flag)
-        self.step_finite = step_finite
-        self.fired_at: list[int] = []
-        self.skipped_at: list[int] = []
-        self._finite_step_in_window = False
-
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        if self.step_finite is not None:
-            self._finite_step_in_window |= self.step_finite(state)
-            return
-        finite = True
-        if self.gradients is not None:
-            grads = [g for g in self.gradients() if g is not None]
-            if grads:
-                norms = torch._foreach_norm(grads)
-                finite = bool(torch.isfinite(torch.stack([n.float().to(norms[0].device) for n in norms])).all())
-        self._finite_step_in_window |= self.all_reduce_flag(finite)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step % self.period != 0:
-            return
-        if (self.gradients is None and self.step_finite is None) or self._finite_step_in_window:
-            self.update()
-            self.fired_at.append(state.global_step)
-        else:
-            self.skipped_at.append(state.global_step)
-        self._finite_step_in_window = False

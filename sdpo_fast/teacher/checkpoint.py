@@ -1,30 +1,25 @@
-"""What a fault must not destroy: non-finite steps are skipped, teacher checkpoints are atomic and verified.
+"""The teacher's checkpoint file: atomic, verified, and checked against the resuming run.
 
-- `NonFiniteStepGuard`: a step whose gradients are not all finite never reaches the weights. HF's
-  Trainer would apply it, turning the student into NaN (the next generation then dies with
-  "probability tensor contains inf/nan", which does not name the cause) and, at the end of an EMA
-  window, blending the NaN student into the teacher. The guard drops the step's gradients (an
-  optimizer skips parameters without a gradient, momentum and step counts included), counts it,
-  and warns once with the parameters concerned.
-- `save_teacher` / `load_teacher`: `sdpo_teacher.pt` is written inside the checkpoint folder before
-  HF writes `trainer_state.json` and rotates older checkpoints away, under a temporary name that is
-  `os.replace`d into place, with a manifest (`sdpo_teacher.json`: kind, size, SHA-256). On resume a
-  missing, truncated or altered file is an error that names the file and the choices.
-- `check_checkpoint_matches`: a LoRA checkpoint resumed without `peft_config` (or the reverse) is
-  reported before HF tries to load it and fails with an error that does not say what differs.
+- `save_teacher` / `load_teacher`: `sdpo_teacher.pt` is written inside the checkpoint folder before HF writes
+  `trainer_state.json` and rotates older checkpoints away, under a temporary name that is `os.replace`d into
+  place, with a manifest (`sdpo_teacher.json`: kind, size, SHA-256). On resume a missing, truncated or altered
+  file is an error that names the file and the choices. A full disk is reported as such, naming the file, and the
+  previous checkpoint is left intact.
+- `check_checkpoint_matches`: a LoRA checkpoint resumed without `peft_config` (or the reverse) is reported before
+  HF tries to load it and fails with an error that does not say what differs.
+- `restore_teacher`: what `resume_teacher_from` asks for on resume; v0.1.0 checkpoints are upgraded.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
-import warnings
 from collections.abc import Callable
 
 import torch
-from transformers import TrainerCallback
 
 logger = logging.getLogger(__name__)
 
@@ -33,83 +28,7 @@ MANIFEST_FILE = "sdpo_teacher.json"
 _FORMAT = 1
 # v0.1.0 checkpoints: the kinds were named after the old layout, and the LoRA teacher was a second adapter.
 _LEGACY_KINDS = {"ema-copy": "full-copy", "trust-region-copy": "trust-region/full-copy"}
-
-
-# ---------------------------------------------------------------------------------------------- non-finite steps
-
-
-def finite_flags(tensors: list[torch.Tensor]) -> list[bool]:
-    """Per tensor, whether all its entries are finite: one fused norm pass (any NaN or inf makes the norm so)."""
-    if not tensors:
-        return []
-    norms = torch._foreach_norm(tensors)
-    return torch.isfinite(torch.stack([n.float().to(norms[0].device) for n in norms])).tolist()
-
-
-class NonFiniteStepGuard(TrainerCallback):
-    """Drops the update of any optimizer step whose gradients are not all finite.
-
-    Args:
-        named_gradients: returns `(name, grad)` for the student's trainable parameters that have one.
-        drop_gradients: sets those gradients to None, so that `optimizer.step()` leaves the weights alone.
-        all_reduce_flag: combines the per-process verdict (sharded gradients differ by rank).
-        loss_scaling: fp16 loss scaling is on; its overflow steps are expected and the scaler skips them too.
-    """
-
-    def __init__(
-        self,
-        named_gradients: Callable[[], list[tuple[str, torch.Tensor]]],
-        drop_gradients: Callable[[], None],
-        all_reduce_flag: Callable[[bool], bool] | None = None,
-        loss_scaling: bool = False,
-        optimizer_skipped: Callable[[], bool] | None = None,
-    ):
-        self.named_gradients = named_gradients
-        self.drop_gradients = drop_gradients
-        self.all_reduce_flag = all_reduce_flag or (lambda flag: flag)
-        self.loss_scaling = loss_scaling
-        # DeepSpeed keeps gradients in its own buffers (p.grad is None) and steps inside `backward`, before this
-        # callback: there its own overflow check is the verdict, which this reads.
-        self.optimizer_skipped = optimizer_skipped
-        self.skipped_at: list[int] = []
-        self._verdict: tuple[int, bool, list[str]] | None = None
-        self._warned = False
-
-    def _check(self, step: int) -> tuple[bool, list[str]]:
-        if self._verdict is None or self._verdict[0] != step:
-            # local shards (FSDP2 DTensors): no collective per tensor; the verdict is combined across ranks below
-            named = [(n, getattr(g, "_local_tensor", g)) for n, g in self.named_gradients() if g is not None]
-            finite = finite_flags([g for _, g in named])
-            bad = [name for (name, _), ok in zip(named, finite) if not ok]
-            if not named and self.optimizer_skipped is not None and self.optimizer_skipped():
-                bad = ["(the optimizer's own overflow check: it skipped the step)"]
-            self._verdict = (step, self.all_reduce_flag(not bad), bad)
-        return self._verdict[1], self._verdict[2]
-
-    def step_is_finite(self, state) -> bool:
-        """Whether the coming optimizer step's gradients are all finite (computed once per step)."""
-        return self._check(state.global_step)[0]
-
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        finite, bad = self._check(state.global_step)
-        if finite:
-            return
-        self.drop_gradients()
-        self.skipped_at.append(state.global_step + 1)
-        if not self._warned:
-            self._warned = True
-            where = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "") or "another process"
-            cause = (
-                "fp16 loss scaling overflowed (the scaler lowers its scale and skips the step too)"
-                if self.loss_scaling
-                else "a too-high learning rate, a non-finite reward or advantage, or an fp16/bf16 overflow"
-            )
-            warnings.warn(
-                f"SDPO skipped optimizer step {state.global_step + 1}: non-finite gradients in {where}. Likely cause: "
-                f"{cause}. The step's update is dropped, the weights and the teacher stay as they were, and "
-                "training continues; `sdpo/nonfinite_steps_skipped` counts such steps (warned once).",
-                stacklevel=2,
-            )
+LEGACY_TEACHER_ADAPTER = "sdpo_teacher"  # v0.1.0's LoRA teacher adapter
 
 
 # ---------------------------------------------------------------------------------------------- teacher files
@@ -136,6 +55,17 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+class TeacherSaveError(OSError):
+    """The teacher could not be written (e.g. a full disk); the message names the file and what is intact."""
+
+
+def _disk_full(err: BaseException) -> bool:
+    # torch.save reports a short write from its zip writer as a RuntimeError ("... unexpected pos ..."), not ENOSPC
+    return (isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)) or (
+        isinstance(err, RuntimeError) and "unexpected pos" in str(err)
+    )
+
+
 def _atomic_write(path: str, write: Callable[[str], None]) -> None:
     """`write(tmp)` then fsync and `os.replace`: a kill leaves either the old file or the new one, never half."""
     tmp = f"{path}.tmp-{os.getpid()}"
@@ -144,6 +74,17 @@ def _atomic_write(path: str, write: Callable[[str], None]) -> None:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:
+        if not _disk_full(err):
+            raise
+        folder = os.path.dirname(os.path.abspath(path))
+        raise TeacherSaveError(
+            errno.ENOSPC,
+            f"The disk is full: the SDPO teacher could not be written to {path} ({type(err).__name__}: {err}). "
+            f"Nothing was replaced: the checkpoint being written ({folder}) is incomplete, and every earlier "
+            "checkpoint is intact (HF rotates old checkpoints only after this save succeeds). Free disk space, or "
+            "lower save_total_limit, and resume from the last complete checkpoint.",
+        ) from err
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -265,3 +206,37 @@ def check_checkpoint_matches(checkpoint: str, *, peft: bool, kind: str) -> None:
             f"The checkpoint {checkpoint} holds an SDPO teacher of kind {manifest.get('kind')!r} but this run's is "
             f"{kind!r}. Resume with the same PEFT and teacher_regularization settings as the run that saved it."
         )
+
+
+def restore_teacher(
+    teacher, checkpoint: str, source: str, *, copy_student: Callable[[], None], unwrapped_model
+) -> None:
+    """On resume: the teacher as `resume_teacher_from` (`source`) says, after HF restored the student."""
+    if source == "student":
+        logger.warning(
+            "SDPO: resume_teacher_from='student': the teacher restarts as a copy of the student restored from %s; "
+            "its EMA history is not used.",
+            checkpoint,
+        )
+        copy_student()
+        return
+    if source == "initial":
+        logger.warning(
+            "SDPO: resume_teacher_from='initial': the teacher restarts from the model as passed to SDPOTrainer "
+            "(before any training), not from %s.",
+            checkpoint,
+        )
+        return
+    saved = upgrade_legacy(load_teacher(checkpoint), teacher.kind)
+    if saved["kind"] != teacher.kind:
+        raise ValueError(
+            f"The checkpoint's teacher is of kind {saved['kind']!r} but this run's is {teacher.kind!r}; "
+            "resume with the same PEFT/teacher_regularization settings."
+        )
+    with torch.no_grad():
+        teacher.load_state_dict(saved["state"])
+    peft_config = getattr(unwrapped_model, "peft_config", None)
+    if isinstance(peft_config, dict) and LEGACY_TEACHER_ADAPTER in peft_config:
+        # v0.1.0 saved its teacher as a second adapter, which HF has just loaded back from the checkpoint: the
+        # snapshot now holds it, and a second adapter is exactly what must not be in the model.
+        unwrapped_model.delete_adapter(LEGACY_TEACHER_ADAPTER)

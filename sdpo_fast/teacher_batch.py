@@ -1,0 +1,119 @@
+"""From scored rollouts to the teacher's inputs: pure functions on plain lists, no trainer, no TRL.
+
+    ScoredRollouts (global batch order, gathered by the trainer)
+        ─► success scores, group keys, demonstration choice, feedback rules, templates   (`reprompting`)
+        ─► this process's slice tokenised exactly as TRL tokenises the student, left-padded
+        ─► TeacherBatch: teacher prompt ids/mask, per-sample masks and group facts, counts, metrics
+
+Demonstrations are chosen on the gathered batch, so the choice does not depend on how a group was split
+across processes; each process then tokenises only its own slice.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .config import SDPOConfig
+from .reprompting import Prompt, PromptCodec, build_teacher_contexts, group_key, tokenize_reprompt
+
+
+@dataclass
+class ScoredRollouts:
+    """One generation batch after the rewards, in global batch order (all processes)."""
+
+    prompts: list[Prompt]
+    completions: list[str]  # decoded completion texts
+    feedback: list[str | None]  # the reward functions' combined feedback per sample
+    scores: list[float]  # the weighted reward sum; NaN where every reward function returned None
+    uids: list[Any] = field(default_factory=list)  # the dataset's `uid` column, if any
+
+    def __post_init__(self):
+        n = len(self.prompts)
+        if not self.uids:
+            self.uids = [None] * n
+        if not n == len(self.completions) == len(self.feedback) == len(self.scores) == len(self.uids):
+            raise ValueError("ScoredRollouts: prompts, completions, feedback, scores and uids must have equal lengths.")
+
+
+@dataclass
+class TeacherBatch:
+    """This process's teacher inputs. Tensors are on the CPU; the trainer moves them to the device."""
+
+    prompt_ids: torch.Tensor  # (n, W) left-padded teacher prompt ids
+    prompt_mask: torch.Tensor  # (n, W)
+    self_distillation_mask: torch.Tensor  # (n,) 1 where the sample has a teacher context that fits
+    success: torch.Tensor  # (n,) 1 where the sample's own score reached the threshold
+    group_pass_rate: torch.Tensor  # (n,) the fraction of its group that succeeded (global)
+    group_has_success: torch.Tensor  # (n,)
+    truncated: int  # teacher prompts shortened to fit max_reprompt_len (this process)
+    overflow: int  # teacher prompts that could not fit and were masked out (this process)
+    prompt_tokens: int  # total teacher prompt length (this process)
+    metrics: dict[str, float]  # the reference's `self_distillation/*` metrics, over the global batch
+
+    def tensors(self, device) -> dict[str, torch.Tensor]:
+        """The per-sample tensors under the names the objective reads."""
+        return {
+            "self_distillation_mask": self.self_distillation_mask.to(device),
+            "sdpo_success": self.success.to(device),
+            "sdpo_group_pass_rate": self.group_pass_rate.to(device),
+            "sdpo_group_has_success": self.group_has_success.to(device),
+        }
+
+
+def success_scores(rewards_per_func: torch.Tensor, reward_weights: torch.Tensor) -> list[float]:
+    """The weighted reward sum per sample; NaN where every function returned None (such a row never succeeds)."""
+    scores = (rewards_per_func * reward_weights.to(rewards_per_func.device).unsqueeze(0)).nansum(dim=1)
+    scores[torch.isnan(rewards_per_func).all(dim=1)] = math.nan
+    return scores.tolist()
+
+
+def group_facts(keys: Sequence[str], scores: Sequence[float], threshold: float) -> tuple[list[float], list[float]]:
+    """Per sample: its group's pass rate and whether the group has any success."""
+    passed: dict[str, list[bool]] = {}
+    for key, score in zip(keys, scores):
+        passed.setdefault(key, []).append(not math.isnan(score) and score >= threshold)
+    rate = {key: sum(flags) / len(flags) for key, flags in passed.items()}
+    return [rate[k] for k in keys], [float(rate[k] > 0) for k in keys]
+
+
+def build_teacher_batch(
+    rollouts: ScoredRollouts, codec: PromptCodec, config: SDPOConfig, *, start: int, count: int, pad_id: int, seed=0
+) -> TeacherBatch:
+    """The teacher batch of the process that owns samples `start : start + count` of the global batch."""
+    keys = [group_key(p, u) for p, u in zip(rollouts.prompts, rollouts.uids)]
+    contexts = build_teacher_contexts(
+        rollouts.prompts, keys, rollouts.scores, rollouts.completions, rollouts.feedback, config, seed=seed
+    )
+    local = contexts.reprompts[start : start + count]
+    tokenized = [
+        tokenize_reprompt(r, codec, max_len=config.max_reprompt_len, truncation=config.reprompt_truncation)
+        for r in local
+    ]
+    width = max((len(t.ids) for t in tokenized), default=0)
+    prompt_ids = torch.full((count, width), pad_id, dtype=torch.long)
+    prompt_mask = torch.zeros((count, width), dtype=torch.long)
+    for i, t in enumerate(tokenized):  # left padding, as for the student prompt
+        if t.ids:
+            prompt_ids[i, width - len(t.ids) :] = torch.tensor(t.ids, dtype=torch.long)
+            prompt_mask[i, width - len(t.ids) :] = 1
+    threshold = config.success_reward_threshold
+    pass_rate, has_success = group_facts(keys, rollouts.scores, threshold)
+    own = slice(start, start + count)
+    success = [float(not math.isnan(s) and s >= threshold) for s in rollouts.scores[own]]
+    return TeacherBatch(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        self_distillation_mask=torch.tensor([float(r.active and not t.overflow) for r, t in zip(local, tokenized)]),
+        success=torch.tensor(success),
+        group_pass_rate=torch.tensor(pass_rate[own]),
+        group_has_success=torch.tensor(has_success[own]),
+        truncated=sum(t.truncated for t in tokenized),
+        overflow=sum(t.overflow for t in tokenized),
+        prompt_tokens=sum(len(t.ids) for t in tokenized),
+        metrics=dict(contexts.metrics),
+    )

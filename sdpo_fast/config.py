@@ -66,10 +66,6 @@ class SDPOConfig:
     group's SDPO loss × √(p̂(1−p̂)); arXiv 2605.27765), and `group_fallback` (a group with no success
     contributes GRPO's term instead of nothing)."""
 
-    srpo_entropy_weighting: bool = False
-    """*(sdpo-fast)* `objective="srpo"`: weight each distilled token by 1 − H_T/log(K+1), H_T the teacher's
-    entropy over the K+1 buckets, so that uncertain teacher targets pull less (arXiv 2604.02288)."""
-
     rlsd_lambda: float = 0.5
     """*(sdpo-fast)* `objective="rlsd"`: λ, the share of the per-token advantage that the teacher shapes."""
 

@@ -135,7 +135,7 @@ def test_every_bool_field_takes_only_a_bool(name, value):
 
 def test_every_annotated_field_is_type_checked():
     """The rule is one loop over the fields: each field of each kind rejects a value of the wrong kind."""
-    wrong = {"bool": "yes", "int": True, "float": float("nan"), "str": 1.0}
+    wrong = {"bool": "yes", "int": True, "float": float("nan"), "str": 1.0, "Callable": 1.0}
     for f in dataclasses.fields(SDPOConfig):
         kind = f.type.split("|")[0].strip()
         with pytest.raises((TypeError, ValueError), match=f"^{f.name} must be"):

@@ -48,32 +48,18 @@ class SRPOObjective(SDPOObjective):
     Distilling a sample that already succeeded is ambiguous (the teacher's demonstration is often that very kind
     of answer), and it is where SDPO's collapse starts; GRPO's advantage is exact there. Both terms share one token
     mean over the step: L = [Σ_{failed, with teacher} ρ·D_t + Σ_{succeeded} ℓ^GRPO_t] / (their token count).
-    With `srpo_entropy_weighting`, a distilled token is weighted by 1 − H_T/log(K+1), H_T the teacher's entropy
-    over the K+1 buckets (from the head's (N, K) epilogue): uncertain teacher targets pull less.
+    (The paper's optional down-weighting of high-entropy teacher targets needs the teacher's entropy from the
+    head, which it does not return yet; it is not offered.)
     """
 
     name = "srpo"
     routes = True
-
-    def check(self) -> None:
-        super().check()
-        if self.config.srpo_entropy_weighting and self.head.topk is None:
-            raise ValueError(
-                "srpo_entropy_weighting uses the teacher's entropy over the K+1 buckets; set an integer "
-                "distillation_topk."
-            )
 
     def distil_rows(self, inputs) -> torch.Tensor:
         return inputs["self_distillation_mask"].float() * (1.0 - inputs["sdpo_success"].float())
 
     def grpo_rows(self, inputs) -> torch.Tensor:
         return inputs["sdpo_success"].float()
-
-    def token_weights(self, out, inputs):
-        if not self.config.srpo_entropy_weighting:
-            return None
-        buckets = self.head.topk + (1 if self.head.add_tail else 0)
-        return (1.0 - out["teacher_entropy"] / torch.log(torch.tensor(float(buckets)))).clamp(min=0.0)
 
 
 class GroupFallbackObjective(SDPOObjective):

@@ -46,16 +46,23 @@ def renormalize_topk(topk_log_probs: torch.Tensor) -> torch.Tensor:
     return topk_log_probs - torch.logsumexp(topk_log_probs, dim=-1, keepdim=True)
 
 
-def divergence(student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor, alpha: float) -> torch.Tensor:
+def divergence(
+    student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor, alpha: float, kl_clip: float | None = None
+) -> torch.Tensor:
     """Per-position divergence between two log-distributions over the last dimension.
 
     α = 0 → KL(teacher ‖ student) (forward KL); α = 1 → KL(student ‖ teacher) (reverse KL);
     otherwise (1−α)·KL(S ‖ M) + α·KL(T ‖ M) with log M = logsumexp(log S + log(1−α), log T + log α).
     The ends are the *unscaled* KLs, so the function is discontinuous at α ∈ {0, 1}, as in the
     reference. Returns the sum over the last dimension.
+
+    `kl_clip` (forward KL only): each entry p_T·(log p_T − log p_S) is clipped above at it, so one teacher token the
+    student barely covers cannot dominate a position (its gradient is cut where clipped). NaN stays NaN.
     """
     if alpha == 0.0:
         elementwise = F.kl_div(student_log_probs, teacher_log_probs, reduction="none", log_target=True)
+        if kl_clip is not None:
+            elementwise = torch.where(elementwise > kl_clip, torch.full_like(elementwise, kl_clip), elementwise)
     elif alpha == 1.0:
         elementwise = F.kl_div(teacher_log_probs, student_log_probs, reduction="none", log_target=True)
     else:
@@ -77,6 +84,7 @@ def topk_divergence(
     add_tail: bool,
     student_tail_log_prob: torch.Tensor | None = None,
     teacher_tail_log_prob: torch.Tensor | None = None,
+    kl_clip: float | None = None,
 ) -> torch.Tensor:
     """D_t on K+1 buckets (tail) or on K renormalised buckets. Inputs are full-vocabulary-normalised.
 
@@ -88,4 +96,21 @@ def topk_divergence(
         teacher = add_tail_bucket(teacher_topk_log_probs, teacher_tail_log_prob)
     else:
         student, teacher = renormalize_topk(student_topk_log_probs), renormalize_topk(teacher_topk_log_probs)
-    return divergence(student, teacher, alpha)
+    return divergence(student, teacher, alpha, kl_clip)
+
+
+def teacher_bucket_stats(teacher_topk_log_probs: torch.Tensor, teacher_tail_log_prob: torch.Tensor) -> torch.Tensor:
+    """(…, 3): the teacher's mass inside the student's top-K, its tail share, and its entropy over the K+1 buckets.
+
+    From the (…, K) top-K log-probs and the directly summed tail log-prob (…,) that the head already has: no pass
+    over the vocabulary. The entropy is −Σ_b p_b log p_b over the K+1 buckets (0·log 0 = 0), a lower bound on the
+    teacher's full-vocabulary entropy; log(K+1) is its maximum. Non-finite inputs propagate.
+    """
+    top = torch.exp(teacher_topk_log_probs)
+    tail = torch.exp(teacher_tail_log_prob)
+
+    def plogp(p, logp):
+        return torch.where(p > 0, p * logp, torch.where(torch.isnan(logp), logp, torch.zeros_like(p)))
+
+    entropy = -(plogp(top, teacher_topk_log_probs).sum(-1) + plogp(tail, teacher_tail_log_prob))
+    return torch.stack([top.sum(-1), tail, entropy], dim=-1)

@@ -33,7 +33,7 @@ from typing import NamedTuple
 
 import torch
 
-from .buckets import topk_divergence
+from .buckets import teacher_bucket_stats, topk_divergence
 
 WeightGather = Callable[[], contextlib.AbstractContextManager] | None
 
@@ -45,6 +45,7 @@ class HeadOptions:
     alpha: float
     inv_temp: float
     budget_bytes: int
+    kl_clip: float | None = None  # forward KL only: the per-bucket clip (see `buckets.divergence`)
 
 
 class Stats(NamedTuple):
@@ -145,6 +146,7 @@ class TileOps:
 
 class BucketTerms(NamedTuple):
     div: torch.Tensor  # (N,) D
+    teacher_stats: torch.Tensor  # (N, 3) the teacher's top-K mass, tail share, K+1-bucket entropy (no gradient)
     written: torch.Tensor  # (N, K) A_k = G_k − ΣG_b·p_k: the written entries are g_D·A_k − g_logp·p_k
     p_top: torch.Tensor  # (N, K) p_k
     dense: torch.Tensor  # (N,) B = ΣG_b − G_tail/p_tail: the dense coefficient is c = g_D·B + g_logp
@@ -165,7 +167,7 @@ def bucket_terms(student: Stats, teacher: Stats, opts: HeadOptions) -> BucketTer
     with torch.enable_grad():
         div = topk_divergence(
             s_top, t_top, alpha=opts.alpha, add_tail=opts.add_tail, student_tail_log_prob=s_tail,
-            teacher_tail_log_prob=t_tail,
+            teacher_tail_log_prob=t_tail, kl_clip=opts.kl_clip,
         )  # fmt: skip
         g_top, g_tail = torch.autograd.grad(div.sum(), (s_top, s_tail), allow_unused=True)
     g_tail = torch.zeros_like(s_tail) if g_tail is None else g_tail  # no tail bucket: renormalised top-K
@@ -175,6 +177,7 @@ def bucket_terms(student: Stats, teacher: Stats, opts: HeadOptions) -> BucketTer
     tail_coef = torch.where(g_tail != 0, g_tail / torch.exp(s_tail.detach()), torch.zeros_like(g_tail))
     return BucketTerms(
         div.detach().to(out_dtype),
+        teacher_bucket_stats(t_top, t_tail).to(out_dtype),
         (g_top - total.unsqueeze(1) * p_top).to(out_dtype),
         p_top.to(out_dtype),
         (total - tail_coef).to(out_dtype),
@@ -327,7 +330,8 @@ def hold_gathered(weight: torch.Tensor, weight_gather: WeightGather) -> contextl
 
 
 class SDPOHeadFunction(torch.autograd.Function):
-    """(h_S, W_S, h_T, W_T, y) → (D, log π_S(y), log π_T(y)); gradients reach h_S and W_S only.
+    """(h_S, W_S, h_T, W_T, y) → (D, log π_S(y), log π_T(y), teacher bucket stats (N, 3)); gradients reach h_S and
+    W_S only.
 
     `weight_gather` (ZeRO-3): a zero-argument callable returning a context manager inside which W_S is
     materialised. The caller applies this function inside it (so autograd records W_S's full shape); the
@@ -346,22 +350,24 @@ class SDPOHeadFunction(torch.autograd.Function):
             div, partial = ops.full_divergence(h_s, w_s, h_t, w_t, student, teacher, opts)
             grad_sum = full_divergence_grad_sum(div, partial, opts.alpha)
             saved = (teacher.max, teacher.log_sum, teacher.target_logit, grad_sum)
+            # full vocabulary: there are no buckets, so no bucket statistics
+            stats = torch.full((h_s.shape[0], 3), torch.nan, dtype=out_dtype, device=h_s.device)
             ctx.save_for_backward(
                 h_s, w_s, h_t, w_t, targets, student.max, student.log_sum, student.target_logit, *saved
             )
         else:
             terms = bucket_terms(student, teacher, opts)
-            div = terms.div
+            div, stats = terms.div, terms.teacher_stats
             ctx.save_for_backward(
                 h_s, w_s, targets, student.max, student.log_sum, student.target_logit, student.top_idx,
                 terms.written, terms.p_top, terms.dense,
             )  # fmt: skip
         ctx.ops, ctx.opts, ctx.weight_gather = ops, opts, weight_gather
-        ctx.mark_non_differentiable(logp_t)
-        return div, logp_s, logp_t
+        ctx.mark_non_differentiable(logp_t, stats)
+        return div, logp_s, logp_t, stats
 
     @staticmethod
-    def backward(ctx, grad_div, grad_logp, _grad_logp_t):
+    def backward(ctx, grad_div, grad_logp, _grad_logp_t, _grad_stats):
         ops, opts = ctx.ops, ctx.opts
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         with hold_gathered(ctx.saved_tensors[1], ctx.weight_gather if need_dw or need_dh else None):

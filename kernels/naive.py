@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .buckets import divergence, topk_divergence
+from .buckets import divergence, teacher_bucket_stats, topk_divergence
 
 
 def _full_logits(h: torch.Tensor, weight: torch.Tensor, inv_temp: float) -> torch.Tensor:
@@ -47,21 +47,27 @@ def topk_ids(log_probs: torch.Tensor, k: int) -> torch.Tensor:
     return idx
 
 
-def naive_head(h_s, w_s, h_t, w_t, targets, *, topk, add_tail, alpha, inv_temp):
-    """Returns (divergence, student_logprob, teacher_logprob), each (N,), differentiable in h_s and w_s."""
+def naive_head(h_s, w_s, h_t, w_t, targets, *, topk, add_tail, alpha, inv_temp, kl_clip=None):
+    """Returns (divergence, student_logprob, teacher_logprob), each (N,), differentiable in h_s and w_s, and the
+    teacher's bucket statistics (N, 3) (`buckets.teacher_bucket_stats`; NaN for the full vocabulary)."""
     student = log_softmax(_full_logits(h_s, w_s, inv_temp))
     with torch.no_grad():
         teacher = log_softmax(_full_logits(h_t, w_t, inv_temp))
     if topk is None:
-        div = divergence(student, teacher, alpha)
+        div = divergence(student, teacher, alpha, kl_clip)
+        stats = torch.full((h_s.shape[0], 3), torch.nan, dtype=div.dtype, device=div.device)
     else:
         idx = topk_ids(student.detach(), topk)
+        teacher_tail = torch.logsumexp(teacher.scatter(-1, idx, -torch.inf), dim=-1)  # summed directly
         tails = {}
         if add_tail:  # log of the mass outside the top-K, summed directly
             tails = {
                 "student_tail_log_prob": torch.logsumexp(student.scatter(-1, idx, -torch.inf), dim=-1),
-                "teacher_tail_log_prob": torch.logsumexp(teacher.scatter(-1, idx, -torch.inf), dim=-1),
+                "teacher_tail_log_prob": teacher_tail,
             }
-        div = topk_divergence(student.gather(-1, idx), teacher.gather(-1, idx), alpha=alpha, add_tail=add_tail, **tails)
+        div = topk_divergence(
+            student.gather(-1, idx), teacher.gather(-1, idx), alpha=alpha, add_tail=add_tail, kl_clip=kl_clip, **tails
+        )
+        stats = teacher_bucket_stats(teacher.gather(-1, idx), teacher_tail).to(div.dtype)
     y = targets.unsqueeze(-1)
-    return div, student.gather(-1, y).squeeze(-1), teacher.gather(-1, y).squeeze(-1)
+    return div, student.gather(-1, y).squeeze(-1), teacher.gather(-1, y).squeeze(-1), stats

@@ -76,6 +76,12 @@ def legacy_positional_config(args: tuple, sdpo_config: SDPOConfig | None) -> tup
     return args[:3] + args[4:], args[3]
 
 
+def default_args(model) -> GRPOConfig:
+    """GRPOTrainer's default `GRPOConfig`, with the output folder named after the model and SDPO."""
+    name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
+    return GRPOConfig(f"{str(name).split('/')[-1] or 'model'}-SDPO")
+
+
 def check_grpo_args(args: GRPOConfig, sdpo: SDPOConfig) -> None:
     """GRPO settings that conflict with SDPO, or that SDPO ignores. Sets `args.beta = 0` (the teacher is the ref)."""
     if args.beta != 0.0:
@@ -109,6 +115,20 @@ def check_grpo_args(args: GRPOConfig, sdpo: SDPOConfig) -> None:
                 "SDPOConfig.grpo_weight > 0 to blend in the GRPO loss they configure.",
                 ", ".join(ignored),
             )
+
+
+def check_layout(parallelism: str, *, vision_language: bool) -> None:
+    """The parallel layout and model kind the teacher and the fused head support."""
+    if parallelism == "fsdp1":
+        raise NotImplementedError(
+            "SDPO supports FSDP version 2 only: its parameters are DTensors, which the fused head gathers and the "
+            "EMA teacher updates shard by shard. Set fsdp_config={'fsdp_version': 2}."
+        )
+    if vision_language:
+        raise NotImplementedError(
+            "SDPOTrainer supports text-only models: the teacher prompt and the fused head do not carry images. "
+            "Pass a tokenizer (not a multimodal processor) and a text-only dataset."
+        )
 
 
 def check_zero3_peft(args: GRPOConfig, peft: bool) -> None:

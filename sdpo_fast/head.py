@@ -145,7 +145,9 @@ def sdpo_head(
     backend: str = "auto",
     memory_budget_mb: float = 256,
     weight_gather: Callable[[], contextlib.AbstractContextManager] | None = None,
-) -> SDPOHeadOutput:
+    kl_clip: float | None = None,
+    teacher_stats: bool = False,
+) -> SDPOHeadOutput | tuple[SDPOHeadOutput, torch.Tensor]:
     """Per-token SDPO divergence and sampled-token log-probs, without full-vocabulary logits.
 
     Args:
@@ -164,11 +166,21 @@ def sdpo_head(
             `student_weight` is materialised (e.g. `lambda: deepspeed.zero.GatheredParameters([w])`). The head
             enters it around every read of the weight, in the forward and again in the backward (where it stays
             open until the weight's gradient has been accumulated). Outside it the weight may be a placeholder.
+        kl_clip: forward KL (alpha=0) with a top-K: clip each bucket's term p_T·(log p_T − log p_S) above at it.
+        teacher_stats: also return the teacher's (N, 3) bucket statistics: its mass inside the student's top-K, its
+            tail share, and its entropy over the K+1 buckets. They come from the (N, K) epilogue the divergence
+            already computes (no extra pass over the vocabulary, no (N, V) tensor); NaN with `topk=None`.
 
     Returns:
         `SDPOHeadOutput(divergence, student_logprob, teacher_logprob)`, each (N,) in fp32 (fp64 for
-        fp64 inputs). Gradients flow to `student_hidden` and `student_weight` only.
+        fp64 inputs), and with `teacher_stats=True` also the (N, 3) statistics. Gradients flow to
+        `student_hidden` and `student_weight` only.
     """
+    if kl_clip is not None and not (alpha == 0.0 and topk is not None and kl_clip > 0):
+        raise ValueError(
+            f"kl_clip={kl_clip!r} clips the forward KL's per-bucket terms: it needs alpha=0.0, an integer topk and a "
+            "positive clip."
+        )
     gather = weight_gather if weight_gather is not None else contextlib.nullcontext
     with gather():
         _validate(student_hidden, student_weight, teacher_hidden, teacher_weight, target_ids, topk, alpha, temperature)
@@ -183,15 +195,15 @@ def sdpo_head(
                 weight = student_weight if weight_gather is None else _Materialised.apply(student_weight, weight_gather)
                 out = naive_head(
                     student_hidden, weight, teacher_hidden, teacher_weight, targets, topk=topk, add_tail=add_tail,
-                    alpha=float(alpha), inv_temp=inv_temp,
+                    alpha=float(alpha), inv_temp=inv_temp, kl_clip=kl_clip,
                 )  # fmt: skip
-                return SDPOHeadOutput(*out)
-            opts = HeadOptions(topk, bool(add_tail), float(alpha), inv_temp, int(memory_budget_mb * 2**20))
+                return (SDPOHeadOutput(*out[:3]), out[3]) if teacher_stats else SDPOHeadOutput(*out[:3])
+            opts = HeadOptions(topk, bool(add_tail), float(alpha), inv_temp, int(memory_budget_mb * 2**20), kl_clip)
             out = SDPOHeadFunction.apply(
                 student_hidden, student_weight, teacher_hidden, teacher_weight, targets, _tile_ops(backend), opts,
                 weight_gather,
             )  # fmt: skip
-    return SDPOHeadOutput(*out)
+    return (SDPOHeadOutput(*out[:3]), out[3]) if teacher_stats else SDPOHeadOutput(*out[:3])
 
 
 class _Materialised(torch.autograd.Function):

@@ -55,6 +55,15 @@ class TeacherBatch:
     prompt_tokens: int  # total teacher prompt length (this process)
     metrics: dict[str, float]  # the reference's `self_distillation/*` metrics, over the global batch
 
+    def summary(self) -> list[float]:
+        """[truncated, overflow, teacher prompt tokens, samples with a teacher]: what the processes sum."""
+        return [
+            float(self.truncated),
+            float(self.overflow),
+            float(self.prompt_tokens),
+            float(self.self_distillation_mask.sum()),
+        ]
+
     def tensors(self, device) -> dict[str, torch.Tensor]:
         """The per-sample tensors under the names the objective reads."""
         return {
@@ -79,6 +88,32 @@ def group_facts(keys: Sequence[str], scores: Sequence[float], threshold: float) 
         passed.setdefault(key, []).append(not math.isnan(score) and score >= threshold)
     rate = {key: sum(flags) / len(flags) for key, flags in passed.items()}
     return [rate[k] for k in keys], [float(rate[k] > 0) for k in keys]
+
+
+def batch_report(
+    batch: TeacherBatch, stats: list[float], has_signal: bool, config: SDPOConfig, n_global: int
+) -> tuple[dict[str, float], dict[str, str]]:
+    """The batch's `self_distillation/*` metrics and warnings (by key, for warn-once), from the process-summed
+    `stats` = [truncated, overflow, teacher prompt tokens, samples with a teacher]."""
+    n = max(n_global, 1)
+    metrics = dict(batch.metrics)
+    metrics["self_distillation/reprompt_sample_fraction"] = stats[3] / n  # after overflow masking
+    metrics["self_distillation/reprompt_truncated_count"] = stats[0]
+    metrics["self_distillation/reprompt_overflow_count"] = stats[1]
+    metrics["self_distillation/teacher_prompt_length_mean"] = stats[2] / n
+    warnings = {}
+    if not has_signal:
+        warnings["no_signal"] = (
+            "SDPO: no sample in this generation batch has a demonstration (no group reached "
+            f"success_reward_threshold={config.success_reward_threshold}) or usable feedback, so the SDPO loss is 0 "
+            "for it. Lower the threshold, return feedback from a reward function, or raise grpo_weight."
+        )
+    if stats[1] > 0:
+        warnings["overflow"] = (
+            f"SDPO: {int(stats[1])} teacher prompt(s) did not fit max_reprompt_len={config.max_reprompt_len} even "
+            "with the demonstration/feedback trimmed; they are masked out of the loss. Raise max_reprompt_len."
+        )
+    return metrics, warnings
 
 
 def build_teacher_batch(

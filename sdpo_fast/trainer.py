@@ -1,14 +1,9 @@
 """`SDPOTrainer`: a drop-in `GRPOTrainer` that trains with Self-Distillation Policy Optimization.
 
-This module is the TRL adapter only: each overridden hook delegates to the algorithm in a few lines, and it is
-the one module that reads TRL's and the HF Trainer's attributes. Data flow of one generation batch:
-
-    dataset rows ─► GRPOTrainer generation ─► `_calculate_rewards`: rewards (+ feedback) ─► ScoredRollouts
-    `_generate_and_score_completions`: gather ─► `teacher_batch.build_teacher_batch` (demonstrations, teacher
-        prompts, the *exact* completion ids appended) ─► `objective.counts` (step-wide normalisers)
-    `compute_loss` (per micro-batch) ─► `objective.loss`: teacher pass ─► student pass with the fused head
-        (`sdpo_fast.head`) ─► per-token terms, IS ratio, aggregation [+ GRPO's term]
-    `teacher.schedule`: the teacher follows the student (EMA, periodic copy, or frozen)
+The TRL adapter only, and the one module that reads TRL's and the HF Trainer's attributes; each hook delegates:
+rewards → `teacher_batch.ScoredRollouts` → `build_teacher_batch` (teacher prompts + the exact completion ids) →
+`objective.counts`; `compute_loss` → `objective.loss` (teacher pass, student pass with the fused head, aggregation);
+`teacher.schedule` moves the teacher after optimizer steps; `teacher.checkpoint` saves and restores it.
 """
 
 from __future__ import annotations
@@ -22,7 +17,7 @@ from typing import ClassVar
 import torch
 from accelerate.utils import gather_object, is_peft_model
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
-from trl import GRPOConfig, GRPOTrainer
+from trl import GRPOTrainer
 
 from . import checks
 from .config import SDPOConfig
@@ -30,21 +25,19 @@ from .distributed import parallelism
 from .forward import add_sdpo_forward, check_head_compatible, logit_scale
 from .head import resolve_backend
 from .objective import build_objective
-from .objective.base import HeadSettings
-from .objective.grpo import GRPOSettings
-from .objective.passes import Runtime
+from .objective.base import GRPOSettings, HeadSettings, Runtime
 from .reprompting import PromptCodec
 from .rewards import FeedbackStore, wrap_reward_function
 from .step_guard import NonFiniteStepGuard
 from .teacher import build_teacher
 from .teacher.checkpoint import check_checkpoint_matches, restore_teacher, save_teacher
-from .teacher.schedule import ema_period, teacher_schedule
-from .teacher_batch import ScoredRollouts, build_teacher_batch, success_scores
-from .unsloth import current_grpo_trainer, rebased_trainer_class
+from .teacher.schedule import teacher_schedule
+from .teacher_batch import ScoredRollouts, batch_report, build_teacher_batch, success_scores
+from .unsloth import RebuiltOnCurrentGRPOTrainer
 
 logger = logging.getLogger(__name__)
 
-# Keywords of TRL's `_get_per_token_logps_and_entropies` that are options rather than extra (e.g. image) inputs.
+# Keywords of TRL's scorer that are options rather than extra (e.g. image) inputs.
 _SCORER_OPTIONS = ("batch_size", "compute_entropy", "compute_aux_loss")
 
 
@@ -55,8 +48,7 @@ class _SDPOTrainerMixin:
     _name = "SDPO"
 
     def __init__(self, *args, sdpo_config: SDPOConfig | None = None, **kwargs):
-        # Every positional and keyword argument means what it means to the GRPOTrainer underneath (TRL's or
-        # Unsloth's): bind them to its own signature instead of restating it.
+        # Every argument means what it means to the GRPOTrainer underneath (TRL's or Unsloth's): bind, don't restate.
         args, sdpo_config = checks.legacy_positional_config(args, sdpo_config)
         bound = inspect.signature(super().__init__).bind(*args, **kwargs)
         given = bound.arguments
@@ -64,9 +56,7 @@ class _SDPOTrainerMixin:
             raise TypeError(f"sdpo_config must be an SDPOConfig, got {type(sdpo_config).__name__}.")
         self.sdpo_config = sdpo = sdpo_config or SDPOConfig()
         if given.get("args") is None:
-            model = given.get("model")
-            name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
-            given["args"] = GRPOConfig(f"{str(name).split('/')[-1] or 'model'}-SDPO")
+            given["args"] = checks.default_args(given.get("model"))
         if sdpo.enabled:
             checks.check_grpo_args(given["args"], sdpo)
             model = given.get("model")
@@ -84,16 +74,7 @@ class _SDPOTrainerMixin:
     def _setup_sdpo(self) -> None:
         sdpo = self.sdpo_config
         self._parallelism = parallelism(self.accelerator)
-        if self._parallelism == "fsdp1":
-            raise NotImplementedError(
-                "SDPO supports FSDP version 2 only: its parameters are DTensors, which the fused head gathers and the "
-                "EMA teacher updates shard by shard. Set fsdp_config={'fsdp_version': 2}."
-            )
-        if self._is_vlm:
-            raise NotImplementedError(
-                "SDPOTrainer supports text-only models: the teacher prompt and the fused head do not carry images. "
-                "Pass a tokenizer (not a multimodal processor) and a text-only dataset."
-            )
+        checks.check_layout(self._parallelism, vision_language=self._is_vlm)
         unwrapped = self.model.get_base_model() if is_peft_model(self.model) else self.model
         check_head_compatible(unwrapped, sdpo.distillation_topk)
         # resolved once, so that the log and `sdpo/backend` say what runs (auto: torch for K > 256 too)
@@ -104,66 +85,35 @@ class _SDPOTrainerMixin:
         self.objective = build_objective(sdpo, self.teacher, **self._objective_settings(unwrapped))
         self.step_guard = NonFiniteStepGuard(
             lambda: [(n, p.grad) for n, p in self.model.named_parameters() if p.requires_grad and p.grad is not None],
-            self._drop_student_gradients,
-            all_reduce_flag=self._all_ranks_true,
-            loss_scaling=bool(self.args.fp16),
-            optimizer_skipped=(lambda: self.accelerator.optimizer_step_was_skipped)
-            if self.is_deepspeed_enabled
-            else None,
-        )
+            self._drop_student_gradients, all_reduce_flag=self._all_ranks_true, loss_scaling=bool(self.args.fp16),
+            optimizer_skipped=(lambda: self.accelerator.optimizer_step_was_skipped) if self.is_deepspeed_enabled else None,
+        )  # fmt: skip
         self.add_callback(self.step_guard)
         self._add_teacher_schedule()
-        logger.info(
-            "SDPO: teacher=%s, objective=%s, head backend=%s", self.teacher.kind, sdpo.objective, self.sdpo_backend
-        )
+        logger.info("SDPO: teacher=%s, objective=%s, head=%s", self.teacher.kind, sdpo.objective, self.sdpo_backend)
 
     def _objective_settings(self, unwrapped) -> dict:
-        sdpo = self.sdpo_config
-        head = HeadSettings(
-            topk=sdpo.distillation_topk if sdpo.full_logit_distillation else 1,
-            temperature=self.temperature / logit_scale(unwrapped),
-            backend=self.sdpo_backend,
-            memory_budget_mb=sdpo.distillation_memory_budget_mb,
-            add_tail=sdpo.distillation_add_tail,
-            alpha=sdpo.distillation_alpha,
-        )
+        head = HeadSettings.from_config(self.sdpo_config, self.sdpo_backend, self.temperature / logit_scale(unwrapped))
         grpo = GRPOSettings(
             self.loss_type, self.epsilon_low, self.epsilon_high, self.args.delta, self.importance_sampling_level,
             self.max_completion_length,
         )  # fmt: skip
+        args, accelerator = self.args, self.accelerator
         runtime = Runtime(
-            autocast=self.accelerator.autocast,
-            reduce=lambda tensor, reduction: self.accelerator.reduce(tensor, reduction=reduction),
-            num_processes=self.accelerator.num_processes,
+            accelerator.autocast, lambda tensor, op: accelerator.reduce(tensor, reduction=op), accelerator.num_processes,
             # set by the training loop (the last window of an epoch can be shorter); outside it, the configured value
-            accumulation_steps=lambda: getattr(
-                self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps
-            ),
-            steps_per_generation=self.args.steps_per_generation,
-            global_step=lambda: self.state.global_step,
-            zero3=self._parallelism == "zero3",
-            router_aux_coef=lambda: self.router_aux_loss_coef if getattr(self, "aux_loss_enabled", False) else None,
-        )
+            lambda: getattr(self, "current_gradient_accumulation_steps", args.gradient_accumulation_steps),
+            args.steps_per_generation, lambda: self.state.global_step, self._parallelism == "zero3",
+            lambda: self.router_aux_loss_coef if getattr(self, "aux_loss_enabled", False) else None,
+        )  # fmt: skip
         return dict(head=head, grpo=grpo, runtime=runtime)
 
     def _add_teacher_schedule(self) -> None:
-        ga = self.args.gradient_accumulation_steps
-        if self.sdpo_config.teacher_refresh == "ema" and (self.num_iterations * self.args.steps_per_generation) % ga:
-            logger.warning(
-                "num_iterations × steps_per_generation is not a multiple of gradient_accumulation_steps=%d, so the EMA "
-                "teacher cannot update exactly once per generation batch; it updates every %d optimizer step(s).",
-                ga,
-                ema_period(self.num_iterations, self.args.steps_per_generation, ga),
-            )
         self.teacher_callback = teacher_schedule(
-            self.teacher,
-            self.sdpo_config,
-            lambda: self.model,
-            ema_every=ema_period(self.num_iterations, self.args.steps_per_generation, ga),
-            generator=self._teacher_generator,
-            all_ranks_true=self._all_ranks_true,
-            step_finite=self.step_guard.step_is_finite,
-        )
+            self.teacher, self.sdpo_config, lambda: self.model,
+            batch_layout=(self.num_iterations, self.args.steps_per_generation, self.args.gradient_accumulation_steps),
+            generator=self._teacher_generator, all_ranks_true=self._all_ranks_true, step_finite=self.step_guard.step_is_finite,
+        )  # fmt: skip
         if self.teacher_callback is not None:
             self.ema_callback = self.teacher_callback  # the name before teacher_refresh existed
             self.add_callback(self.teacher_callback)
@@ -181,12 +131,9 @@ class _SDPOTrainerMixin:
     def _teacher_generator(self) -> torch.Generator:
         return torch.Generator(device=self.accelerator.device).manual_seed(self.args.seed + self.state.global_step)
 
-    # ------------------------------------------------------------------------------------ rewards and teacher inputs
-
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        # Reward functions may return {"score", "feedback"} dicts. They are wrapped for this call only, so that
-        # `trainer.reward_funcs` keeps the user's objects and TRL's own checks (lengths, None → NaN) still run.
-        # Also with enabled=False (plain GRPO), so the same reward functions serve an SDPO run and its GRPO control.
+        # Reward functions may return {"score", "feedback"} dicts: wrapped for this call only, so `reward_funcs` keeps
+        # the user's objects and TRL's checks still run; also when disabled (plain GRPO), so one set serves both.
         self._feedback.clear()
         user_funcs = self.reward_funcs
         self.reward_funcs = [
@@ -198,16 +145,13 @@ class _SDPOTrainerMixin:
         finally:
             self.reward_funcs = user_funcs
         if self.sdpo_config.enabled:  # gathered here: one group can span processes
+            # a tokenizer, never a multimodal processor: __init__ refuses vision-language models under SDPO
+            texts = self.processing_class.batch_decode(completion_ids_list, skip_special_tokens=True)
             self._rollouts = ScoredRollouts(
-                prompts=gather_object(list(prompts)),
-                # a tokenizer, never a multimodal processor: __init__ refuses vision-language models under SDPO
-                completions=gather_object(
-                    self.processing_class.batch_decode(completion_ids_list, skip_special_tokens=True)
-                ),
-                feedback=gather_object(self._feedback.combined(len(prompts))),
-                scores=success_scores(rewards_per_func, self.reward_weights),  # rewards_per_func is already global
-                uids=gather_object([row.get("uid") for row in inputs]),
-            )
+                gather_object(list(prompts)), gather_object(texts), gather_object(self._feedback.combined(len(prompts))),
+                success_scores(rewards_per_func, self.reward_weights),  # rewards_per_func is already global
+                gather_object([row.get("uid") for row in inputs]),
+            )  # fmt: skip
         return rewards_per_func
 
     def _generate_and_score_completions(self, inputs):
@@ -219,12 +163,8 @@ class _SDPOTrainerMixin:
     def _teacher_inputs(self, output: dict) -> dict[str, torch.Tensor]:
         """Reprompt every local sample and append its exact completion ids; the step-wide counts."""
         device, n_local = self.accelerator.device, output["completion_ids"].shape[0]
-        codec = PromptCodec(
-            self._tokenizer,
-            self.chat_template_kwargs,
-            getattr(self, "chat_template", None),
-            getattr(self, "tools", None),
-        )
+        codec = PromptCodec(self._tokenizer, self.chat_template_kwargs, getattr(self, "chat_template", None),
+                            getattr(self, "tools", None))  # fmt: skip
         batch = build_teacher_batch(
             self._rollouts, codec, self.sdpo_config, start=self.accelerator.process_index * n_local, count=n_local,
             pad_id=self._tokenizer.pad_token_id, seed=self.args.seed + self.state.global_step,
@@ -235,47 +175,23 @@ class _SDPOTrainerMixin:
             **batch.tensors(device),
         }
         counts = self.objective.counts({**output, **tensors})
-        stats = self.accelerator.reduce(
-            torch.tensor(
-                [batch.truncated, batch.overflow, batch.prompt_tokens, float(batch.self_distillation_mask.sum())],
-                dtype=torch.float32,
-                device=device,
-            ),
-            reduction="sum",
-        )
+        stats = self.accelerator.reduce(torch.tensor(batch.summary(), device=device), reduction="sum")
         self._log_teacher_batch(batch, counts, stats, n_global=len(self._rollouts.prompts))
         return {**tensors, **counts}
 
     def _log_teacher_batch(self, batch, counts, stats, n_global: int) -> None:
-        sdpo, n = self.sdpo_config, max(n_global, 1)
-        metrics = dict(batch.metrics)
-        metrics["self_distillation/reprompt_sample_fraction"] = float(stats[3]) / n  # after overflow masking
-        metrics["self_distillation/reprompt_truncated_count"] = float(stats[0])
-        metrics["self_distillation/reprompt_overflow_count"] = float(stats[1])
-        metrics["self_distillation/teacher_prompt_length_mean"] = float(stats[2]) / n
-        mode = "train" if self.model.training else "eval"
+        metrics, warnings_ = batch_report(
+            batch, stats.tolist(), counts["sdpo_num_tokens"] > 0, self.sdpo_config, n_global
+        )
         for key, value in metrics.items():
-            self._metrics[mode][key].append(value)
-        if counts["sdpo_num_tokens"] == 0:
-            self._warn_once(
-                "no_signal",
-                "SDPO: no sample in this generation batch has a demonstration (no group reached "
-                f"success_reward_threshold={sdpo.success_reward_threshold}) or usable feedback, so the SDPO loss is 0 "
-                "for it. Lower the threshold, return feedback from a reward function, or raise grpo_weight.",
-            )
-        if stats[1] > 0:
-            self._warn_once(
-                "overflow",
-                f"SDPO: {int(stats[1])} teacher prompt(s) did not fit max_reprompt_len={sdpo.max_reprompt_len} even "
-                "with the demonstration/feedback trimmed; they are masked out of the loss. Raise max_reprompt_len.",
-            )
+            self._metrics["train" if self.model.training else "eval"][key].append(value)
+        for key, message in warnings_.items():
+            self._warn_once(key, message)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(message, stacklevel=3)
-
-    # ------------------------------------------------------------------------------------ loss and the one scorer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not self.sdpo_config.enabled:
@@ -291,13 +207,11 @@ class _SDPOTrainerMixin:
         return loss
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
-        """TRL's scorer of `old_per_token_logps`; under SDPO the loss head's numerics replace it.
+        """TRL's scorer of `old_per_token_logps`; under SDPO the loss head's numerics replace it (`objective.score`).
 
-        TRL's scorer rounds its logit tiles to the compute dtype (and Unsloth has its own), while the policy's
-        log-probs come from the fp32-accumulated head, so their ratio would start away from 1. Under SDPO the only
-        caller is the old-log-prob pass of `_generate_and_score_completions`. With vLLM's importance-sampling
-        correction its values are used right away, so they are scored here with the head; otherwise they are
-        placeholders (NaN, so any use would be loud), replaced exactly per micro-batch in `_prepare_inputs`.
+        TRL's scorer rounds its logit tiles to the compute dtype, so the ratio to the fp32-accumulated head would
+        start away from 1. With vLLM's importance-sampling correction the values are used right away and are scored
+        here; otherwise they are NaN placeholders (any use would be loud), replaced per micro-batch in `_prepare_inputs`.
         """
         wants_more = kwargs.get("compute_entropy") or kwargs.get("compute_aux_loss")
         extra_inputs = any(v is not None for k, v in kwargs.items() if k not in _SCORER_OPTIONS)
@@ -307,18 +221,10 @@ class _SDPOTrainerMixin:
             )
         if not (self.use_vllm and getattr(self, "vllm_importance_sampling_correction", False)):
             return torch.full(input_ids[:, -logits_to_keep:].shape, float("nan"), device=input_ids.device), None, None
-        chunk = kwargs.get("batch_size") or input_ids.shape[0]
-        parts = []
-        for start in range(0, input_ids.shape[0], chunk):
-            ids, att = input_ids[start : start + chunk], attention_mask[start : start + chunk]
-            batch = (
-                ids[:, :-logits_to_keep],
-                att[:, :-logits_to_keep],
-                ids[:, -logits_to_keep:],
-                att[:, -logits_to_keep:],
-            )
-            parts.append(self.objective.score(model, batch, att[:, -logits_to_keep:] > 0))
-        return torch.cat(parts), None, None
+        scored = self.objective.score_sequences(
+            model, input_ids, attention_mask, logits_to_keep, kwargs.get("batch_size")
+        )
+        return scored, None, None
 
     def _prepare_inputs(self, generation_batch):
         inputs = super()._prepare_inputs(generation_batch)
@@ -342,18 +248,21 @@ class _SDPOTrainerMixin:
                 self._backend_logged = True
         super().log(logs, start_time)
 
-    # ------------------------------------------------------------------------------------ checkpoints
-
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         super().save_model(output_dir, _internal_call=_internal_call)
         # HF saves the model first when it checkpoints, before `trainer_state.json` and before it rotates older
         # checkpoints away: writing the teacher here means a checkpoint never counts as complete without it.
-        if not (self.sdpo_config.enabled and _internal_call and output_dir):
+        checkpoint = bool(output_dir) and os.path.basename(os.path.normpath(output_dir)).startswith(
+            PREFIX_CHECKPOINT_DIR
+        )
+        # a replicated teacher: only the saving process needs a copy (the others would each hold one)
+        if not (
+            self.sdpo_config.enabled
+            and _internal_call
+            and checkpoint
+            and (self.args.should_save or self.teacher.lockstep)
+        ):
             return
-        if not os.path.basename(os.path.normpath(output_dir)).startswith(PREFIX_CHECKPOINT_DIR):
-            return
-        if not (self.args.should_save or self.teacher.lockstep):
-            return  # a replicated teacher: only the saving process needs a copy (the others would each hold one)
         state = self.teacher.state_dict()  # a collective under FSDP2 / ZeRO-3: every rank takes part
         if self.args.should_save:
             save_teacher(output_dir, self.teacher.kind, state, peft=is_peft_model(self.model))
@@ -377,23 +286,7 @@ class _SDPOTrainerMixin:
             )  # fmt: skip
 
 
-class _SDPOTrainerMeta(type):
-    """Builds each `SDPOTrainer` on the `GRPOTrainer` that is current at construction time (Unsloth-safe)."""
-
-    def __call__(cls, *args, **kwargs):
-        base = current_grpo_trainer()
-        if not issubclass(cls, base):
-            cls = rebased_trainer_class(cls, _SDPOTrainerMixin, base)
-        return type.__call__(cls, *args, **kwargs)
-
-    def __instancecheck__(cls, obj) -> bool:
-        return type.__instancecheck__(cls, obj) or getattr(type(obj), "_sdpo_rebased_from", None) is cls
-
-    def __subclasscheck__(cls, sub) -> bool:
-        return type.__subclasscheck__(cls, sub) or getattr(sub, "_sdpo_rebased_from", None) is cls
-
-
-class SDPOTrainer(_SDPOTrainerMixin, GRPOTrainer, metaclass=_SDPOTrainerMeta):
+class SDPOTrainer(_SDPOTrainerMixin, GRPOTrainer, metaclass=RebuiltOnCurrentGRPOTrainer):
     """A drop-in `GRPOTrainer` that trains with SDPO.
 
     `SDPOTrainer(model, reward_funcs, args=GRPOConfig(...), sdpo_config=SDPOConfig(...), train_dataset=...)`.

@@ -33,6 +33,26 @@ def is_unsloth_patched(cls: type) -> bool:
     return any(k.__name__.startswith(("Unsloth", "_Unsloth")) for k in cls.__mro__)
 
 
+class RebuiltOnCurrentGRPOTrainer(type):
+    """Builds each `SDPOTrainer` on the `GRPOTrainer` that is current at construction time (Unsloth-safe).
+
+    The class's first base is the mixin that holds all SDPO behaviour; it is recombined with the current base.
+    """
+
+    def __call__(cls, *args, **kwargs):
+        base = current_grpo_trainer()
+        if not issubclass(cls, base):
+            mixin = next(k for k in cls.__mro__ if k.__name__ == "_SDPOTrainerMixin")
+            cls = rebased_trainer_class(cls, mixin, base)
+        return type.__call__(cls, *args, **kwargs)
+
+    def __instancecheck__(cls, obj) -> bool:
+        return type.__instancecheck__(cls, obj) or getattr(type(obj), "_sdpo_rebased_from", None) is cls
+
+    def __subclasscheck__(cls, sub) -> bool:
+        return type.__subclasscheck__(cls, sub) or getattr(sub, "_sdpo_rebased_from", None) is cls
+
+
 def rebased_trainer_class(cls: type, mixin: type, base: type) -> type:
     """`cls` rebuilt as `class cls(mixin, base)`, cached; warns once, naming the fix.
 

@@ -25,6 +25,8 @@ from ..loss import self_distillation_objective, token_level_surrogate
 from .grpo import GRPOSettings, grpo_aggregate, grpo_per_token
 from .passes import Runtime, scatter_rows, student_forward, teacher_states
 
+__all__ = ["GRPOSettings", "HeadSettings", "Masks", "Runtime", "SDPOObjective"]
+
 # Which step-wide count each aggregation mode divides by; `seq-mean-token-sum-norm` divides by R only.
 _COUNT_OF_MODE = {
     "token-mean": "sdpo_num_tokens",
@@ -43,6 +45,13 @@ class HeadSettings:
     memory_budget_mb: float = 256
     add_tail: bool = True
     alpha: float = 0.5
+
+    @classmethod
+    def from_config(cls, config, backend: str, temperature: float) -> HeadSettings:
+        """`temperature` is the sampling temperature over the model's own logit scale (e.g. Gemma's)."""
+        topk = config.distillation_topk if config.full_logit_distillation else 1  # token level: log π(y) only
+        return cls(topk, temperature, backend, config.distillation_memory_budget_mb, config.distillation_add_tail,
+                   config.distillation_alpha)  # fmt: skip
 
     def scorer_kwargs(self) -> dict:
         return dict(
@@ -216,6 +225,14 @@ class SDPOObjective:
             return scatter_rows(values, score_mask)
 
         return student_forward(model, batch, score_mask, head_fn, self.runtime)
+
+    def score_sequences(self, model, input_ids, attention_mask, completion_length: int, chunk: int | None):
+        """`score` on whole prompt+completion rows (TRL's scorer interface), `chunk` rows at a time."""
+        t, step, parts = completion_length, chunk or input_ids.shape[0], []
+        for start in range(0, input_ids.shape[0], step):
+            ids, att = input_ids[start : start + step], attention_mask[start : start + step]
+            parts.append(self.score(model, (ids[:, :-t], att[:, :-t], ids[:, -t:], att[:, -t:]), att[:, -t:] > 0))
+        return torch.cat(parts)
 
     def rescore(self, model, inputs) -> None:
         """Replace `old_per_token_logps` by the head's own scores of exactly the rows `loss` will score."""

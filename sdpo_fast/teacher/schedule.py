@@ -13,6 +13,7 @@ A student with non-finite weights is never blended or copied in: the teacher kee
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Callable
 
@@ -20,6 +21,8 @@ import torch
 from transformers import TrainerCallback
 
 from ..step_guard import finite_flags
+
+logger = logging.getLogger(__name__)
 
 
 def ema_period(num_iterations: int, steps_per_generation: int, gradient_accumulation_steps: int) -> int:
@@ -98,12 +101,25 @@ def teacher_schedule(
     config,
     student: Callable[[], torch.nn.Module],
     *,
-    ema_every: int,
+    batch_layout: tuple[int, int, int],
     generator: Callable[[], torch.Generator],
     all_ranks_true: Callable[[bool], bool],
     step_finite: Callable[[object], bool],
 ) -> TeacherUpdateCallback | None:
-    """The callback for `config.teacher_refresh`, or None when the teacher never changes."""
+    """The callback for `config.teacher_refresh`, or None when the teacher never changes.
+
+    `batch_layout` is (num_iterations, steps_per_generation, gradient_accumulation_steps): the EMA fires once per
+    generation batch of them.
+    """
+    iterations, steps_per_generation, ga = batch_layout
+    ema_every = ema_period(iterations, steps_per_generation, ga)
+    if config.teacher_refresh == "ema" and teacher.ema_rate > 0 and (iterations * steps_per_generation) % ga:
+        logger.warning(
+            "num_iterations × steps_per_generation is not a multiple of gradient_accumulation_steps=%d, so the EMA "
+            "teacher cannot update exactly once per generation batch; it updates every %d optimizer step(s).",
+            ga,
+            ema_every,
+        )
     if config.teacher_refresh == "frozen" or (config.teacher_refresh == "ema" and teacher.ema_rate <= 0):
         return None
     warned = []

@@ -58,7 +58,9 @@ FOLDERS = {"main": ".gpu-wheels", "unsloth": ".gpu-wheels-unsloth"}
 # wheel name prefix -> members to drop (regular expressions on the path inside the wheel)
 PRUNE = {
     "unsloth-": [r"^studio/"],  # Unsloth Studio, a web app: never imported by `import unsloth`
-    "bitsandbytes-": [r"^bitsandbytes/libbitsandbytes_(cuda(?!130)\d+|rocm\d+)\.so$"],  # keep CUDA 13.0 (torch 2.11+cu130)
+    "bitsandbytes-": [
+        r"^bitsandbytes/libbitsandbytes_(cuda(?!130)\d+|rocm\d+)\.so$"
+    ],  # keep CUDA 13.0 (torch 2.11+cu130)
 }
 
 

@@ -96,7 +96,10 @@ def launch(job: dict, timeout: float = JOB_TIMEOUT_S) -> dict:
             return json.loads(line[len(RESULT_PREFIX) :])
     tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
     if proc.returncode < 0:  # killed by a signal: on Linux SIGKILL is usually the OOM killer
-        return {"error": f"worker killed by signal {-proc.returncode} (out of memory?) {tail}", "cases": _cases(proc.stdout)}
+        return {
+            "error": f"worker killed by signal {-proc.returncode} (out of memory?) {tail}",
+            "cases": _cases(proc.stdout),
+        }
     return {"error": f"worker exited with {proc.returncode}: {tail}", "cases": _cases(proc.stdout)}
 
 

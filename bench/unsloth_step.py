@@ -1,4 +1,4 @@
-"""Real Unsloth on a CUDA box: FastLanguageModel in 4 bit with LoRA, then SDPOTrainer steps (issue 15).
+"""Real Unsloth on a CUDA box: FastLanguageModel in 4 bit with LoRA, then SDPOTrainer steps.
 
     python bench/unsloth_step.py RESULTS.json
 

@@ -28,8 +28,12 @@ def load(paths: list[Path]) -> list[dict]:
         text = path.read_text().strip()
         if not text:
             continue
-        if path.suffix == ".jsonl":
-            records += [json.loads(line) for line in text.splitlines() if line.strip()]
+        if path.suffix == ".jsonl":  # a run killed mid-write may leave half a last line: it is not a record
+            for line in text.splitlines():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
         else:
             records += json.loads(text)
     return [r for r in records if r.get("bench") == "head"]
@@ -51,9 +55,9 @@ def table(records: list[dict]) -> str:
             if r is None:
                 row.append("—")
             elif r.get("error"):
-                row.append("error")
+                row.append("skipped" if str(r["error"]).startswith("skipped") else "error")
             else:
-                row.append(f"{r['median_ms']:.1f} ms" + ("" if r.get("ok", True) else " (NOT OK)"))
+                row.append(f"{r['median_ms']:.1f} ms" + ("" if r.get("ok", True) else " (FAILED CHECK)"))
         ours, trl = cells.get(("sdpo_fast-triton", shape, n, 100)), cells.get(("trl-chunked", shape, n, None))
         good = ours is not None and not ours.get("error")
         speed = f"{trl['median_ms'] / ours['median_ms']:.2f}×" if good and trl and not trl.get("error") else "—"
@@ -62,7 +66,19 @@ def table(records: list[dict]) -> str:
         lines.append(
             f"| {shape} (H={hidden}, V={vocab}) | {n:,} | " + " | ".join(row) + f" | {speed} | {frac} | {mem} |"
         )
-    return "\n".join(lines)
+    return "\n".join(lines + failures(records))
+
+
+def failures(records: list[dict]) -> list[str]:
+    """One line per implementation that failed its correctness check or did not run, with the first reason."""
+    notes: dict[str, str] = {}
+    for r in records:
+        if r.get("error"):
+            notes.setdefault(r["impl"], f"did not run: {r['error']}")
+        elif not r.get("ok", True):
+            why = r.get("mismatch") or (r.get("check") or {}).get("error") or "differs from the float64-checked oracle"
+            notes[r["impl"]] = f"**FAILED the correctness check**: {why}"
+    return ["", *(f"- {impl}: {why}" for impl, why in sorted(notes.items()))] if notes else []
 
 
 def main(argv: list[str]) -> int:

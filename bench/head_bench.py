@@ -9,6 +9,7 @@ loss = mean over tokens of the per-token divergence; W.grad and h_S.grad are res
 from __future__ import annotations
 
 import gc
+import json
 import math
 import statistics
 import time
@@ -160,18 +161,43 @@ def time_runs(fn, x, topk, alpha, device: str, warmup: int, runs: int) -> tuple[
     return times, loss
 
 
+def import_error(impl: str, job: dict) -> str | None:
+    """Why `impl` cannot run in this worker: a module it needs failed to import (worker.import_all)."""
+    from sweep import HEAD_IMPORTS
+
+    failed = [f"{m}: {job['import_errors'][m]}" for m in HEAD_IMPORTS[impl] if m in job.get("import_errors", {})]
+    return f"skipped: import failed ({'; '.join(failed)})" if failed else None
+
+
 def run_case(job: dict) -> dict:
-    """Measure the job's variants on one set of inputs.
+    """Measure the job's variants on one set of inputs, or, with job["cases"], on each case's inputs in turn.
 
     On the CPU a job holds one variant (peak RSS is per process, so each variant gets a fresh
-    process; the parent subtracts the inputs-only process). On CUDA all variants of a case share
-    one process and the allocator's peak is reset between them.
+    process; the parent subtracts the inputs-only process). On CUDA one process runs every N of a
+    shape and all its variants, the allocator's peak reset between them; each finished case is
+    printed at once (worker.CASE_PREFIX) so that a worker killed at its timeout keeps them.
     """
+    if "cases" not in job:
+        return _run_variants(job, job["tokens"], job["variants"])
+    from worker import CASE_PREFIX
+
+    done = []
+    for case in job["cases"]:
+        result = dict(tokens=case["tokens"], **_run_variants(job, case["tokens"], case["variants"]))
+        print(CASE_PREFIX + json.dumps(result), flush=True)
+        done.append(result)
+    return {"cases": done}
+
+
+def _run_variants(job: dict, tokens: int, variants: list) -> dict:
     device = job["device"]
-    x = make_inputs(job["tokens"], job["hidden"], job["vocab"], job["dtype"], device)
+    x = make_inputs(tokens, job["hidden"], job["vocab"], job["dtype"], device)
     results = []
-    for impl, topk in job["variants"]:
-        res = {"impl": impl, "topk": topk, "error": None}
+    for impl, topk in variants:
+        res = {"impl": impl, "topk": topk, "error": import_error(impl, job)}
+        if res["error"]:
+            results.append(res)
+            continue
         try:
             base = _reset_peak(device)
             times, loss = time_runs(IMPLS[impl], x, topk, job["alpha"], device, job["warmup"], job["runs"])
@@ -184,6 +210,8 @@ def run_case(job: dict) -> dict:
             res["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
         x.h_s.grad = x.w_s.grad = None
         results.append(res)
+    del x
+    _reset_peak(device)  # the next case's inputs start from an empty cache
     return {"variants": results}
 
 
@@ -242,7 +270,10 @@ def check(job: dict) -> dict:
     refs: dict = {}
     out = []
     for impl, topk in job["variants"]:
-        res = {"impl": impl, "topk": topk, "error": None, "ok": False}
+        res = {"impl": impl, "topk": topk, "error": import_error(impl, job), "ok": False}
+        if res["error"]:
+            out.append(res)
+            continue
         try:
             reference = REFERENCES.get(impl, oracle)
             if (reference, topk) not in refs:

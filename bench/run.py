@@ -29,10 +29,10 @@ from pathlib import Path
 import report
 import sweep as sw
 from tqdm import tqdm
-from worker import RESULT_PREFIX
+from worker import CASE_PREFIX, RESULT_PREFIX
 
 HERE = Path(__file__).resolve().parent
-JOB_TIMEOUT_S = 3600
+JOB_TIMEOUT_S = 3600  # per worker, unless --worker-timeout or the time budget says less
 # Correctness tolerances against the naive oracle, by input dtype: relative error of the loss and
 # of the gradients (Frobenius norm of the difference over the norm of the oracle's).
 TOLERANCE = {"float32": {"loss": 1e-3, "grad": 1e-3}, "bfloat16": {"loss": 1e-2, "grad": 5e-2}}
@@ -58,6 +58,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out-dir", type=Path, default=HERE / "results", help="where the .json/.md/.png go")
     p.add_argument("--no-plot", action="store_true", help="skip the .png")
     p.add_argument("--report", type=Path, metavar="JSON", help="re-render the .md/.png of an earlier run's .json")
+    p.add_argument("--worker-timeout", type=float, default=JOB_TIMEOUT_S, help="seconds one worker may run")
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        help="seconds for all workers: none starts once it is spent, the last gets what is left, and the "
+        "cases not reached are recorded as skipped; the report is always written",
+    )
     return p.parse_args(argv)
 
 
@@ -74,20 +81,30 @@ def worker_env() -> dict:
     return env
 
 
-def launch(job: dict) -> dict:
-    """Run one job in a fresh `worker.py` process and return its result dict (never raises)."""
+def launch(job: dict, timeout: float = JOB_TIMEOUT_S) -> dict:
+    """Run one job in a fresh `worker.py` process and return its result dict (never raises).
+
+    A worker that runs past `timeout` is killed; the cases it finished (CASE_PREFIX lines) are kept in "cases"."""
     cmd = [sys.executable, str(HERE / "worker.py"), json.dumps(job)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=JOB_TIMEOUT_S, env=worker_env(), cwd=HERE)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {JOB_TIMEOUT_S} s"}
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=worker_env(), cwd=HERE)
+    except subprocess.TimeoutExpired as err:
+        out = err.stdout.decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
+        return {"error": f"worker timed out after {timeout:.0f} s", "cases": _cases(out)}
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_PREFIX):
             return json.loads(line[len(RESULT_PREFIX) :])
     tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
     if proc.returncode < 0:  # killed by a signal: on Linux SIGKILL is usually the OOM killer
-        return {"error": f"worker killed by signal {-proc.returncode} (out of memory?) {tail}"}
-    return {"error": f"worker exited with {proc.returncode}: {tail}"}
+        return {
+            "error": f"worker killed by signal {-proc.returncode} (out of memory?) {tail}",
+            "cases": _cases(proc.stdout),
+        }
+    return {"error": f"worker exited with {proc.returncode}: {tail}", "cases": _cases(proc.stdout)}
+
+
+def _cases(stdout: str) -> list[dict]:
+    return [json.loads(line[len(CASE_PREFIX) :]) for line in stdout.splitlines() if line.startswith(CASE_PREFIX)]
 
 
 def environment() -> dict:
@@ -174,13 +191,25 @@ def add_throughput(rec: dict, info: dict) -> None:
 class Runner:
     """Launches jobs one after another with a progress bar, and keeps notes for the console."""
 
-    def __init__(self, total: int):
+    # A worker is not started with less than this left of the time budget: it would only import and be killed.
+    MIN_WORKER_S = 10.0
+
+    def __init__(self, total: int, worker_timeout: float = JOB_TIMEOUT_S, budget: float | None = None):
         self.bar = tqdm(total=total, unit="job", dynamic_ncols=True, disable=None)
         self.threads = None  # torch's thread count, as the first worker reports it
+        self.worker_timeout = worker_timeout
+        self.deadline = None if budget is None else time.monotonic() + budget
+
+    def left(self) -> float:
+        return float("inf") if self.deadline is None else self.deadline - time.monotonic()
 
     def run(self, label: str, job: dict) -> dict:
         self.bar.set_description(label)
-        result = launch(job)
+        timeout = min(self.worker_timeout, self.left())
+        if timeout < self.MIN_WORKER_S:
+            self.bar.update(1)
+            return {"error": "skipped: the sweep's time budget was spent before this worker", "no_time": True}
+        result = launch(job, timeout)
         self.bar.update(1)
         self.threads = self.threads or result.get("torch_threads")
         return result
@@ -243,12 +272,6 @@ def run_head_case(runner: Runner, case: sw.HeadCase, info: dict, dtype: str, war
         imports=case.imports,
     )
     label = f"head {case.shape} N={case.tokens}"
-    if info["device"] == "cuda":  # allocator peaks: one process for all variants of the case
-        results = runner.run(label, dict(base_job, kind="head", variants=case.variants))
-        variants = results.get("variants") or [
-            dict(impl=i, topk=k, error=results.get("error")) for i, k in case.variants
-        ]
-        return [_head_record(case, v, info, dtype) for v in variants]
     baseline = runner.run(f"{label} inputs-only", dict(base_job, kind="head-inputs"))
     records = []
     for impl, topk in case.variants:
@@ -262,6 +285,22 @@ def run_head_case(runner: Runner, case: sw.HeadCase, info: dict, dtype: str, war
             v["error"] = v.get("error") or f"inputs-only baseline failed: {baseline['error']}"
         records.append(_head_record(case, v, info, dtype))
     return records
+
+
+def run_shape_cuda(runner: Runner, cases: list[sw.HeadCase], info: dict, dtype: str, warmup: int, runs: int):
+    """One worker for every N of one shape (allocator peaks, reset between variants): yields each case's records.
+
+    The worker prints each case as it finishes it, so a worker killed at its timeout keeps the cases it finished;
+    the others get the worker's error."""
+    first = cases[0]
+    job = dict(device=info["device"], hidden=first.hidden, vocab=first.vocab, dtype=dtype, alpha=sw.ALPHA,
+               warmup=warmup, runs=runs, kind="head", imports=sorted({m for c in cases for m in c.imports}),
+               cases=[dict(tokens=c.tokens, variants=c.variants) for c in cases])  # fmt: skip
+    result = runner.run(f"head {first.shape} N={','.join(str(c.tokens) for c in cases)}", job)
+    done = {c["tokens"]: c["variants"] for c in result.get("cases", [])}
+    for case in cases:
+        variants = done.get(case.tokens) or [dict(impl=i, topk=k, error=result.get("error")) for i, k in case.variants]
+        yield [_head_record(case, v, info, dtype) for v in variants]
 
 
 def _head_record(case: sw.HeadCase, v: dict, info: dict, dtype: str) -> dict:
@@ -287,6 +326,9 @@ def judge_head(records: list[dict], check: dict, dtype: str, say) -> None:
         if r["bench"] != "head" or r["error"] is not None:
             continue
         c = check["results"].get((r["impl"], r["topk"]))
+        if r["impl"] != "naive" and c is None:  # never checked (the check job failed or ran out of time)
+            r["check"] = {"ok": False, "error": "not checked against the oracle"}
+            r["ok"] = False
         if r["impl"] != "naive" and c is not None:
             keys = ("ok", "loss_rel_err", "grad_h_rel_err", "grad_w_rel_err", "tie_rows", "error")
             r["check"] = {k: c.get(k) for k in keys}
@@ -406,14 +448,14 @@ def main(argv=None) -> int:
     cases, head_skips = sw.head_cases(sweep, impls, info["device"]) if args.bench in ("head", "all") else ([], [])
     steps, step_skips = sw.step_impls(impls, info["device"]) if args.bench in ("step", "all") else ([], [])
     cpu = info["device"] == "cpu"
-    total = (1 if cases else 0) + sum((1 + len(c.variants)) if cpu else 1 for c in cases)
+    total = (1 if cases else 0) + (sum(1 + len(c.variants) for c in cases) if cpu else len({c.shape for c in cases}))
     total += (1 + len(steps)) if steps else 0
     print(
         f"sdpo-fast bench on {info['device_name']} (torch {info['torch']}): "
         f"{len(cases)} head cases, {len(steps)} step runs, {total} worker processes",
         flush=True,
     )
-    runner = Runner(total)
+    runner = Runner(total, args.worker_timeout, args.time_budget)
     records = []
     for impl, reason in head_skips + step_skips:
         runner.say(f"[skip] {impl}: {reason}")
@@ -422,12 +464,22 @@ def main(argv=None) -> int:
     check = {"results": {}}
     if cases:
         check = check_head(runner, cases, sweep.topks, info, dtype)
-        for case in cases:
-            for rec in run_head_case(runner, case, info, dtype, sweep.warmup, sweep.runs):
+        if cpu:  # peak RSS is per process: one worker per variant
+            batches = (run_head_case(runner, c, info, dtype, sweep.warmup, sweep.runs) for c in cases)
+        else:  # one worker per shape, shapes in the order asked for (the goal shapes first)
+            by_shape = {c.shape: [d for d in cases if d.shape == c.shape] for c in cases}
+            batches = (
+                batch
+                for group in by_shape.values()
+                for batch in run_shape_cuda(runner, group, info, dtype, sweep.warmup, sweep.runs)
+            )
+        for batch in batches:
+            # judged before it is written: head.jsonl never holds a clean timing of a head that failed its check
+            judge_head(batch, check, dtype, runner.say)
+            for rec in batch:
                 records.append(rec)
                 runner.say(report.one_line(rec))
                 append_jsonl(args.jsonl, rec)
-        judge_head(records, check, dtype, runner.say)
     if steps:
         vocab = args.step_vocab or sw.STEP_MODEL["vocab"]
         for rec in run_steps(runner, steps, info, sweep, vocab):

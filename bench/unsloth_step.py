@@ -1,4 +1,4 @@
-"""Real Unsloth on a CUDA box: FastLanguageModel in 4 bit with LoRA, then SDPOTrainer steps (issue 15).
+"""Real Unsloth on a CUDA box: FastLanguageModel in 4 bit with LoRA, then SDPOTrainer steps.
 
     python bench/unsloth_step.py RESULTS.json
 
@@ -6,7 +6,7 @@ Imports Unsloth first (its patched GRPOTrainer is what SDPOTrainer must build on
 folder (no model hub), loads it through `FastLanguageModel.from_pretrained(..., load_in_4bit=True)`, adds LoRA with
 `get_peft_model`, and trains two SDPO steps. Records what happened, success or not, in RESULTS.json: versions, the
 trainer's class chain, the teacher kind, that no state_dict key is the teacher's, the losses, whether the teacher
-snapshot moved. Run by bench/gpu_check.d/50-unsloth.sh; never part of the CPU suite.
+snapshot moved. Run by bench/gpu_check.extra.d/10-unsloth-steps.sh; never part of the CPU suite.
 """
 
 from __future__ import annotations
@@ -74,14 +74,20 @@ def main(out_path: str) -> None:
         trainer.train()
         record["losses"] = [h["sdpo/loss"] for h in trainer.state.log_history if "sdpo/loss" in h]
         record["teacher_moved"] = any(not torch.equal(t, before[n]) for n, t in trainer.teacher.snapshot.items())
-        record["ok"] = bool(record["losses"]) and all(v == v for v in record["losses"]) and record["teacher_moved"]
+        # Success means Unsloth's patched trainer ran, not merely a trainer: on CUDA (where Unsloth patches TRL)
+        # an unpatched class chain is a failure, whatever the losses say.
+        patched_ok = record["unsloth_patched"] or not torch.cuda.is_available()
+        finite = bool(record["losses"]) and all(v == v for v in record["losses"])
+        record["ok"] = bool(patched_ok and finite and record["teacher_moved"])
+        if not patched_ok:
+            record["error"] = f"Unsloth did not patch the trainer: its classes are {record['trainer_mro']}"
     except Exception:  # record what happened, success or not
         record["ok"] = False
         record["error"] = traceback.format_exc()
     Path(out_path).write_text(json.dumps(record, indent=2))
     print(json.dumps({k: v for k, v in record.items() if k != "error"}, indent=2))
-    if "error" in record:
-        print(record["error"], file=sys.stderr)
+    if not record["ok"]:
+        print(record.get("error", "the SDPO steps did not train (see losses, teacher_moved)"), file=sys.stderr)
         sys.exit(1)
 
 

@@ -15,6 +15,7 @@ import sys
 import traceback
 
 RESULT_PREFIX = "BENCH_RESULT "
+CASE_PREFIX = "BENCH_CASE "  # one line per finished case of a multi-case job: kept if the worker is killed later
 
 
 def peak_rss_mib() -> float:
@@ -40,9 +41,22 @@ def probe(job: dict) -> dict:
     return {"device": "cuda" if ok else "cpu", "device_name": torch.cuda.get_device_name() if ok else None}
 
 
+def import_all(names: list[str]) -> dict[str, str]:
+    """Import each module the job's implementations need; return {module: error} for those that fail.
+
+    One competitor that does not import must not cost the others their measurements: its variants are skipped
+    with the error as the reason (head_bench.run_case), everything else runs."""
+    failed = {}
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception as err:
+            failed[name] = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+    return failed
+
+
 def run(job: dict) -> dict:
-    for name in job.get("imports", []):
-        importlib.import_module(name)
+    job["import_errors"] = import_all(job.get("imports", []))
     kind = job["kind"]
     if kind == "probe":
         return probe(job)

@@ -1,31 +1,10 @@
 # cap-seconds: 60
-# What the GPU box lacks, from wheels brought along (pip --no-index: no network), then this checkout itself
-# (editable, dependencies not resolved). Each package is installed on its own, so one missing wheel does not
-# block the others; the versions found are printed at the end.
+# on-failure: stop
+# The carried wheels (WHEEL_DIRS) into SITE_DIR with pip --no-index --no-deps, one at a time, then the project made
+# importable from SHIM_DIR without building it, then every import the later steps need, checked in a fresh
+# process. Fails, and so stops the whole check, when a wheel does not install or the project's own head does not
+# import; warns loudly, naming the package, when a competitor or the trainer does not import.
 set -uo pipefail
-cd "$REPO"
-"$PYTHON" -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name())"
-for spec in transformers:transformers accelerate:accelerate datasets:datasets trl:trl liger_kernel:liger-kernel \
-            pytest:pytest hypothesis:hypothesis tqdm:tqdm; do
-    module="${spec%%:*}"
-    package="${spec#*:}"
-    if ! "$PYTHON" -c "import $module" 2>/dev/null; then
-        if [ -d "$WHEEL_DIR" ]; then
-            "$PYTHON" -m pip install -q --no-index --find-links "$WHEEL_DIR" "$package" \
-                || echo "could not install $package from $WHEEL_DIR"
-        else
-            echo "missing $package, and no wheel folder at $WHEEL_DIR"
-        fi
-    fi
-done
-if ! "$PYTHON" -c "import sdpo_fast.kernels.triton_head" 2>/dev/null; then
-    "$PYTHON" -m pip install -q --no-deps --no-build-isolation -e "$REPO"
-fi
-"$PYTHON" - <<'PY'
-import importlib.metadata as md
-for d in ("torch", "triton", "transformers", "trl", "accelerate", "datasets", "liger-kernel", "sdpo-fast"):
-    try:
-        print(f"{d} {md.version(d)}")
-    except md.PackageNotFoundError:
-        print(f"{d} MISSING")
-PY
+# shellcheck disable=SC2086  # WHEEL_DIRS is a space-separated list of folders
+exec "$PYTHON" "$REPO/bench/gpu_install.py" --site "$SITE_DIR" --shim "$SHIM_DIR" --work "$WORK" \
+    --report "$RESULTS_DIR/environment.json" $WHEEL_DIRS

@@ -99,7 +99,7 @@ def test_nonfinite_teacher_values_reach_the_stats(backend):
 
 def test_kl_clip_is_refused_where_it_has_no_meaning():
     hs, ws, ht, wt, y = _inputs()
-    with pytest.raises(ValueError, match="alpha=0.0"):
+    with pytest.raises(ValueError, match=r"alpha=0\.0"):
         sdpo_head(hs, ws, ht, wt, y, topk=5, alpha=0.5, kl_clip=1.0)
     with pytest.raises(ValueError, match="integer topk"):
         sdpo_head(hs, ws, ht, wt, y, topk=None, alpha=0.0, kl_clip=1.0)

@@ -63,8 +63,17 @@ class SDPOConfig:
     normaliser as shipped: a per-sequence average over *all* samples, those without a teacher included),
     `srpo` (successful samples get the GRPO term, failed ones the SDPO term; arXiv 2604.02288), `rlsd` (the
     reward's advantage sets the sign, the teacher the per-token magnitude; arXiv 2604.03128), `sc_sdpo` (each
-    group's SDPO loss × √(p̂(1−p̂)); arXiv 2605.27765), and `group_fallback` (a group with no success
-    contributes GRPO's term instead of nothing)."""
+    group's SDPO loss × √(p̂(1−p̂)); arXiv 2605.27765), `group_fallback` (a group with no success contributes
+    GRPO's term instead of nothing), and `forward_kl_clip` (forward KL whose per-bucket terms are clipped at
+    `kl_clip`)."""
+
+    srpo_entropy_weighting: bool = False
+    """*(sdpo-fast)* `objective="srpo"`: weight each distilled token by 1 − H_T/log(K+1), H_T the teacher's
+    entropy over the K+1 buckets, so that uncertain teacher targets pull less (arXiv 2604.02288)."""
+
+    kl_clip: float = 10.0
+    """*(sdpo-fast)* `objective="forward_kl_clip"`: the upper clip of each bucket's forward-KL term
+    p_T·(log p_T − log p_S)."""
 
     rlsd_lambda: float = 0.5
     """*(sdpo-fast)* `objective="rlsd"`: λ, the share of the per-token advantage that the teacher shapes."""
@@ -219,8 +228,19 @@ class SDPOConfig:
                 f"demonstration_filter must be a callable text -> bool or None, got {self.demonstration_filter!r}."
             )
         _check_unit("rlsd_lambda", self.rlsd_lambda)
-        if not self.rlsd_epsilon > 0:
-            raise ValueError(f"rlsd_epsilon must be > 0, got {self.rlsd_epsilon!r}.")
+        for name in ("rlsd_epsilon", "kl_clip"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}.")
+        if self.objective == "forward_kl_clip" and (self.distillation_alpha != 0.0 or self.distillation_topk is None):
+            raise ValueError(
+                "objective='forward_kl_clip' is the forward KL over the top-K + tail buckets: set "
+                "distillation_alpha=0.0 and an integer distillation_topk."
+            )
+        if self.srpo_entropy_weighting and (self.objective != "srpo" or self.distillation_topk is None):
+            raise ValueError(
+                "srpo_entropy_weighting weights SRPO's distilled tokens by the teacher's K+1-bucket entropy: set "
+                "objective='srpo' and an integer distillation_topk."
+            )
         for name in ("rlsd_lambda_decay_steps", "teacher_refresh_steps", "self_teacher_eval_steps"):
             value = getattr(self, name)
             if value is not None and value < 1:

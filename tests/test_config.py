@@ -129,7 +129,10 @@ def test_every_bool_field_takes_only_a_bool(name, value):
     with pytest.raises(TypeError, match=f"{name} must be True or False, got {re.escape(repr(value))}"):
         SDPOConfig(**{name: value})
     flipped = not getattr(SDPOConfig(), name)
-    extra = {"distillation_alpha": 1.0} if name == "full_logit_distillation" else {}  # token-level SDPO needs α = 1
+    extra = {  # token-level SDPO needs α = 1; SRPO's entropy weighting needs SRPO
+        "full_logit_distillation": {"distillation_alpha": 1.0},
+        "srpo_entropy_weighting": {"objective": "srpo"},
+    }.get(name, {})
     assert getattr(SDPOConfig(**{name: flipped}, **extra), name) is flipped
 
 
@@ -146,4 +149,4 @@ def test_numbers_of_other_numeric_types_are_accepted():
     numpy = pytest.importorskip("numpy")
     c = SDPOConfig(success_reward_threshold=1, grpo_weight=numpy.float64(0.25), max_reprompt_len=numpy.int64(64))
     assert c.success_reward_threshold == 1 and c.grpo_weight == 0.25 and c.max_reprompt_len == 64
-    assert len(BOOL_FIELDS) == 7  # the loop sees them all: enabled, distillation_add_tail, …
+    assert len(BOOL_FIELDS) == 8  # the loop sees them all: enabled, distillation_add_tail, …

@@ -30,7 +30,10 @@ def _batch(seed=0, old_shift=0.0):
         "divergence": torch.rand(B, T, generator=g, dtype=torch.float64),
         "student_logprob": logp_s.clone().requires_grad_(True),
         "teacher_logprob": -torch.rand(B, T, generator=g, dtype=torch.float64) * 3,
+        "teacher_topk_mass": torch.rand(B, T, generator=g, dtype=torch.float64),
+        "teacher_entropy": torch.rand(B, T, generator=g, dtype=torch.float64) * math.log(5),
     }
+    out["teacher_tail_share"] = 1 - out["teacher_topk_mass"]
     inputs = {
         "completion_mask": mask,
         "self_distillation_mask": torch.tensor([1, 1, 0, 1, 0, 1], dtype=torch.float64),
@@ -115,6 +118,35 @@ def test_srpo_routes_successes_to_grpo_and_failures_to_sdpo(shift):
     assert (grad[1, :3].abs().sum() > 0) == (shift == 0.0) and grad[2].abs().sum() == 0
 
 
+def test_srpo_entropy_weighting_scales_distilled_tokens_by_the_teachers_certainty():
+    out, inputs = _batch()
+    loss, _ = _loss(_objective(objective="srpo", srpo_entropy_weighting=True), out, inputs)
+    m, sd, ok = inputs["completion_mask"], inputs["self_distillation_mask"], inputs["sdpo_success"]
+    distil, routed = m * (sd * (1 - ok))[:, None], m * ok[:, None]
+    w = 1 - out["teacher_entropy"] / math.log(4 + 1)  # K = 4 top-K buckets + the tail
+    numerator = (w * out["divergence"] * distil).sum() + (
+        _grpo_tokens(out, inputs, inputs["advantages"]) * routed
+    ).sum()
+    torch.testing.assert_close(loss.detach(), numerator / (distil + routed).sum(), rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="objective='srpo'"):
+        SDPOConfig(srpo_entropy_weighting=True)
+
+
+def test_teacher_diagnostics_are_logged_over_the_distilled_tokens():
+    out, inputs = _batch()
+    _, stats = _loss(_objective(), out, inputs)
+    m = inputs["completion_mask"] * inputs["self_distillation_mask"][:, None]
+    for name in ("teacher_topk_mass", "teacher_tail_share", "teacher_entropy"):
+        assert stats[f"sdpo/{name}"] == pytest.approx(float((out[name] * m).sum() / m.sum()), rel=1e-6)  # fp32 reduce
+
+
+def test_forward_kl_clip_asks_the_head_for_the_clip():
+    obj = _objective(objective="forward_kl_clip", distillation_alpha=0.0, kl_clip=0.5)
+    assert obj.head_kwargs() == {"kl_clip": 0.5} and _objective().head_kwargs() == {}
+    with pytest.raises(ValueError, match=r"distillation_alpha=0\.0"):
+        SDPOConfig(objective="forward_kl_clip")
+
+
 def test_group_fallback_gives_grpo_to_samples_of_groups_without_success():
     out, inputs = _batch()
     loss, _ = _loss(_objective(objective="group_fallback"), out, inputs)
@@ -166,11 +198,9 @@ def test_nan_in_a_distilled_token_propagates_to_the_loss_in_every_variant():
         out, inputs = _batch()
         out["divergence"][0, 0] = math.nan
         out["teacher_logprob"][0, 0] = math.nan
-        loss, _ = _loss(_objective(objective=name), out, inputs)
-        if name == "sc_sdpo":  # sample 0's group has p̂ = ½, weight ½: still part of the loss
-            assert torch.isnan(loss), name
-        else:
-            assert torch.isnan(loss), name
+        extra = {"distillation_alpha": 0.0} if name == "forward_kl_clip" else {}
+        loss, _ = _loss(_objective(objective=name, **extra), out, inputs)
+        assert torch.isnan(loss), name  # sample 0 has a teacher and (sc_sdpo) a group weight of ½
 
 
 def test_variants_refuse_settings_they_cannot_honour():
@@ -207,11 +237,15 @@ def _flat(module):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["srpo", "rlsd", "sc_sdpo", "group_fallback", "sdpo_reference_norm"])
-def test_every_variant_trains_end_to_end(tmp_path, name):
+@pytest.mark.parametrize(
+    "name,extra",
+    [("srpo", {"srpo_entropy_weighting": True}), ("rlsd", {}), ("sc_sdpo", {}), ("group_fallback", {}),
+     ("sdpo_reference_norm", {}), ("forward_kl_clip", {"distillation_alpha": 0.0, "kl_clip": 0.5})],
+)  # fmt: skip
+def test_every_variant_trains_end_to_end(tmp_path, name, extra):
     from tiny_setup import make_trainer
 
-    trainer = make_trainer(tmp_path, max_steps=2, sdpo=SDPOConfig(distillation_topk=10, objective=name))
+    trainer = make_trainer(tmp_path, max_steps=2, sdpo=SDPOConfig(distillation_topk=10, objective=name, **extra))
     before = _flat(trainer.model)
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]

@@ -27,6 +27,9 @@ from .passes import Runtime, scatter_rows, student_forward, teacher_states
 
 __all__ = ["GRPOSettings", "HeadSettings", "Masks", "Runtime", "SDPOObjective"]
 
+# The head's teacher diagnostics (`sdpo_head(..., teacher_stats=True)`), in its column order.
+TEACHER_STATS = ("teacher_topk_mass", "teacher_tail_share", "teacher_entropy")
+
 # Which step-wide count each aggregation mode divides by; `seq-mean-token-sum-norm` divides by R only.
 _COUNT_OF_MODE = {
     "token-mean": "sdpo_num_tokens",
@@ -113,6 +116,10 @@ class SDPOObjective:
     def token_weights(self, out: dict[str, torch.Tensor], inputs) -> torch.Tensor | None:
         """(B, T) per-token weights of the SDPO term (detached), or None."""
         return None
+
+    def head_kwargs(self) -> dict:
+        """Extra `sdpo_head` options of the variant (e.g. the forward KL's per-bucket clip)."""
+        return {}
 
     def aggregation(self) -> tuple[str, str | None]:
         """(loss_agg_mode, the count it divides by)."""
@@ -253,11 +260,13 @@ class SDPOObjective:
             else:
                 t_h, t_w = teacher
                 t_h = t_h.to(t_w.dtype)
-            result = sdpo_head(
-                h, weight, t_h, t_w, targets, add_tail=settings.add_tail, alpha=settings.alpha,
-                **settings.scorer_kwargs(), **gather,
+            result, teacher_stats = sdpo_head(
+                h, weight, t_h, t_w, targets, add_tail=settings.add_tail, alpha=settings.alpha, teacher_stats=True,
+                **settings.scorer_kwargs(), **self.head_kwargs(), **gather,
             )  # fmt: skip
             outputs = {name: scatter_rows(values, score_mask) for name, values in result._asdict().items()}
+            for i, name in enumerate(TEACHER_STATS):  # from the head's (N, K) epilogue: no extra vocabulary pass
+                outputs[name] = scatter_rows(teacher_stats[:, i], score_mask)
             if targets.numel() == 0:  # keep every parameter in the graph: DDP expects all gradients
                 outputs["divergence"] = outputs["divergence"] + 0.0 * (hidden.sum() + weight.sum())
             return outputs
@@ -306,6 +315,9 @@ class SDPOObjective:
         }
         empty = self.runtime.reduce(loss_mask.sum().detach().float().view(1), "sum")
         stats["self_distillation/empty_target_batch"] = float(empty.item() == 0)
+        if self.head.topk is not None and self.config.full_logit_distillation:
+            for name in (n for n in TEACHER_STATS if n in out):  # the teacher at the distilled positions, K+1 buckets
+                stats[f"sdpo/{name}"] = self.global_mean(out[name].detach(), loss_mask)
         if ratio is not None:
             stats["sdpo/is_ratio_mean"] = self.global_mean(ratio, loss_mask)
             stats["sdpo/is_clip_fraction"] = self.global_mean((ratio >= self.config.is_clip).float(), loss_mask)

@@ -16,6 +16,7 @@ _BUILTIN = {
     "rlsd": "sdpo_fast.objective.rlsd:RLSDObjective",
     "sc_sdpo": "sdpo_fast.objective.variants:SCSDPOObjective",
     "group_fallback": "sdpo_fast.objective.variants:GroupFallbackObjective",
+    "forward_kl_clip": "sdpo_fast.objective.variants:ForwardKLClipObjective",
 }
 _REGISTERED: dict[str, type] = {}
 

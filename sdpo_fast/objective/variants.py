@@ -6,6 +6,8 @@ Each is one small subclass of `SDPOObjective` overriding one hook; `registry.py`
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .base import SDPOObjective
@@ -48,8 +50,8 @@ class SRPOObjective(SDPOObjective):
     Distilling a sample that already succeeded is ambiguous (the teacher's demonstration is often that very kind
     of answer), and it is where SDPO's collapse starts; GRPO's advantage is exact there. Both terms share one token
     mean over the step: L = [Σ_{failed, with teacher} ρ·D_t + Σ_{succeeded} ℓ^GRPO_t] / (their token count).
-    (The paper's optional down-weighting of high-entropy teacher targets needs the teacher's entropy from the
-    head, which it does not return yet; it is not offered.)
+    With `srpo_entropy_weighting`, a distilled token is also weighted by 1 − H_T/log(K+1), H_T the teacher's
+    entropy over the K+1 buckets (from the head's (N, K) epilogue): uncertain teacher targets pull less.
     """
 
     name = "srpo"
@@ -60,6 +62,12 @@ class SRPOObjective(SDPOObjective):
 
     def grpo_rows(self, inputs) -> torch.Tensor:
         return inputs["sdpo_success"].float()
+
+    def token_weights(self, out, inputs):
+        if not self.config.srpo_entropy_weighting:
+            return None
+        buckets = self.head.topk + (1 if self.head.add_tail else 0)
+        return (1.0 - out["teacher_entropy"] / math.log(buckets)).clamp(min=0.0)
 
 
 class GroupFallbackObjective(SDPOObjective):
@@ -76,3 +84,14 @@ class GroupFallbackObjective(SDPOObjective):
     def grpo_rows(self, inputs) -> torch.Tensor:
         no_teacher = 1.0 - inputs["self_distillation_mask"].float()
         return no_teacher * (1.0 - inputs["sdpo_group_has_success"].float())
+
+
+class ForwardKLClipObjective(SDPOObjective):
+    """Forward KL over the top-K + tail buckets with each bucket's term p_T·(log p_T − log p_S) clipped above at
+    `kl_clip`, as on-policy self-distillation practice does: a teacher token the student barely covers cannot
+    dominate a position's gradient. Needs `distillation_alpha=0` and an integer `distillation_topk`."""
+
+    name = "forward_kl_clip"
+
+    def head_kwargs(self) -> dict:
+        return {"kl_clip": self.config.kl_clip}

@@ -1,6 +1,6 @@
 """The SDPO head benchmark, worker side: inputs, the implementations, timing and peak memory.
 
-Every implementation gets the same inputs (peer_measurements.md §1): h_S ~ N(0, 1), W ~ 0.05·N(0, 1),
+Every implementation gets the same inputs (the peers' benchmark inputs, docs/performance.md): h_S ~ N(0, 1), W ~ 0.05·N(0, 1),
 h_T = h_S + 0.3·N(0, 1), W_T = W + 0.01·N(0, 1), built in place so that the inputs-only
 process's peak equals its steady size. One "run" is forward + `loss.backward()` with
 loss = mean over tokens of the per-token divergence; W.grad and h_S.grad are reset to None first.
@@ -69,7 +69,7 @@ def _liger_jsd(x, topk: int | None, alpha: float) -> torch.Tensor:
 class _FusedLSEHead(torch.autograd.Function):
     """A plain fused logsumexp head on our tiles and kernels: per token −log π_S(y), plus the teacher's LSE pass.
 
-    The floor for "top-K, the teacher gather and the KL add ≤ 15%" (issue 11): the same cuBLAS tiles, streaming
+    The floor for "top-K, the teacher gather and the KL add ≤ 15%" (docs/performance.md): the same cuBLAS tiles, streaming
     row kernels, recomputing backward and GEMMs, without top-K, gather or divergence.
     """
 

@@ -169,7 +169,7 @@ def _head_section(records: list[dict], meta: dict) -> list[str]:
         "",
         f"Extra peak memory = {mem_how}; it includes the gradients of W and h_S that every implementation "
         f"must produce. Time = median of {meta['runs']} runs after {meta['warmup']} warm-up "
-        f"({'wall clock' if cpu else 'CUDA events'}). TFLOP/s counts 8·N·H·V (kernel_anchors.md §4.1: student and "
+        f"({'wall clock' if cpu else 'CUDA events'}). TFLOP/s counts 8·N·H·V (student and "
         "teacher forward, dX, dW) for every implementation. K = full V marks the exact full-vocabulary JSD "
         "(a different quantity from top-K + tail). × naive compares with naive at the same shape, N and K "
         "(full-vocabulary rows: naive top-K at the largest K). `lse-triton` is no SDPO head but a floor: the "
@@ -236,7 +236,7 @@ def _verdict(value, goal, higher_is_better: bool) -> str:
     return "**met**" if ok else "**NOT met**"
 
 
-# Issue 11's targets for the Triton head (bf16, forward + backward, on an H100/H200).
+# The Triton head's targets (docs/performance.md) (bf16, forward + backward, on an H100/H200).
 TIME_GOALS_MS = {16384: 50.0, 4096: 13.0, 1024: 5.0}  # Qwen2.5-0.5B shape, K=100
 MEMORY_GOAL_MIB = 930.0  # extra peak at N=16384, Qwen2.5-0.5B shape
 

@@ -175,7 +175,7 @@ def gpu_peak_tflops(device_name: str) -> float | None:
 
 
 def add_throughput(rec: dict, info: dict) -> None:
-    """TFLOP/s with the 8·N·H·V count of kernel_anchors.md §4.1 (student and teacher forward GEMMs,
+    """TFLOP/s with the 8·N·H·V count (student and teacher forward GEMMs,
     dX and dW), the same useful work for every implementation whatever it recomputes."""
     if rec["median_ms"] is None:
         return

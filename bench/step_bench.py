@@ -1,6 +1,6 @@
 """The training-step benchmark, worker side: one whole RL step of each trainer on a tiny Qwen2.
 
-The setup reproduces peer_measurements.md §2 so the numbers are comparable: a random Qwen2
+The setup is the peers' published benchmark setup (docs/performance.md), so the numbers are comparable: a random Qwen2
 (hidden 128, 2 layers, tied embeddings, real vocabulary) saved to disk and loaded with
 `from_pretrained` (TRL's experimental SDPOTrainer rebuilds its EMA teacher from the model path),
 a word-level ChatML tokenizer padded to the vocabulary size, 36 prompts, 8 completions per prompt,
@@ -118,7 +118,7 @@ def _timed(fn, sink: list, device: str):
 
 
 def grpo_args(job: dict, out_dir: str) -> dict:
-    """The trainer arguments every implementation shares (peer_measurements.md §2)."""
+    """The trainer arguments every implementation shares (the peers' benchmark setup, docs/performance.md)."""
     return dict(
         output_dir=out_dir,
         per_device_train_batch_size=job["generations"],

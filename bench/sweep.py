@@ -13,8 +13,8 @@ import importlib.util
 import re
 from dataclasses import dataclass, field
 
-# (hidden, vocab) of the lm_head of real models (issue 11's GPU targets: Qwen2.5-0.5B, Llama-3.2-1B and the 7B/8B
-# shapes), plus the CPU performance-goal shape of issue 4.
+# (hidden, vocab) of the lm_head of real models (the GPU target shapes: Qwen2.5-0.5B, Llama-3.2-1B and the 7B/8B
+# shapes), plus the CPU performance-goal shape (docs/performance.md).
 MODEL_SHAPES = {
     "qwen2.5-0.5b": (896, 151936),
     "qwen2.5-1.5b": (1536, 151936),
@@ -37,7 +37,7 @@ LSE_IMPLS = ("lse-triton",)
 K_FREE_IMPLS = FULL_VOCAB_IMPLS + LSE_IMPLS
 ALPHA = 0.5  # the reference's JSD; every head implementation gets the same alpha
 
-# Dense bf16 tensor-core peaks in TFLOP/s (kernel_anchors.md §4.3), matched against the device name.
+# Dense bf16 tensor-core peaks in TFLOP/s (the vendors' published dense bf16 figures), matched against the device name.
 # Order matters: the first substring that matches wins.
 GPU_PEAK_TFLOPS = [
     ("H100 PCIe", 756.0),
@@ -60,7 +60,7 @@ HEAD_IMPORTS = {
     "lse-triton": ["torch", "sdpo_fast", "triton"],
 }
 
-# The peer setup of peer_measurements.md §2: Qwen2 hidden 128, 2 layers, real vocabulary,
+# The peers' benchmark setup (docs/performance.md): Qwen2 hidden 128, 2 layers, real vocabulary,
 # 8 completions per step. `tokens` = loss tokens per step = 8 × max_completion_length.
 STEP_MODEL = dict(hidden=128, intermediate=256, layers=2, heads=4, kv_heads=2, vocab=151936)
 STEP_GENERATIONS = 8

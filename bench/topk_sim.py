@@ -8,7 +8,7 @@ distinct blocks hold an entry at least that large). The schemes replayed here di
 sees when a tile is swept:
 
 - `issue`:   the K-th largest block max of all tiles so far *including this one*: each tile is read twice
-             (a max pass, then the compaction pass). The scheme as issue 11 describes it.
+             (a max pass, then the compaction pass). The scheme as first designed (a max pass, then compaction).
 - `stale`:   ours. The tiles before this one only, so each tile is read once; only the first tile of a row
              chunk gets a max pre-pass (it is read twice).
 - `tile`:    max(τ, K-th largest block max of this tile alone): no running set of maxima, but two reads.

@@ -10,7 +10,7 @@ backward  for each vocabulary chunk × row chunk:
               dz = dense −c·p_j (+ the full-vocabulary term), the K top-K entries *written*, the target term
               dh += dz·W_chunk        dW_chunk += dzᵀ·h       (fp32 accumulation)
 
-Exactness (issue 14). The normaliser is carried as a pair (m, log s), m the row max and s = Σ exp(z − m), so
+Exactness (docs/kernels.md). The normaliser is carried as a pair (m, log s), m the row max and s = Σ exp(z − m), so
 ℓ_j = (z_j − m) − log s is exact in fp32 near the max (z − m is exact there, by Sterbenz); m + log s as one fp32
 number is off by ~5e−4 at |z| ~ 1e4. The tail mass p_tail is *summed* over the entries outside the top-K, never
 formed as 1 − Σ_k p_k, which cancels when the top-K holds almost everything. The gradient is then

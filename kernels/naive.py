@@ -2,7 +2,7 @@
 
 This is what TRL's experimental SDPOTrainer and the other SDPO implementations do. It is the
 readable baseline for benchmarks and a second oracle in tests; it needs O(N·V) memory. Two details
-keep it exact where a plain port is not (issue 14): log-probs are (z − max) − log Σ exp(z − max), never
+keep it exact where a plain port is not (docs/kernels.md, exactness): log-probs are (z − max) − log Σ exp(z − max), never
 z − (max + log Σ …) (that sum rounds at |z| ~ 1e4), the tail bucket is the logsumexp over the
 log-probs *outside* the top-K, never log(1 − top-K mass), and top-K ties go to the lower id.
 """

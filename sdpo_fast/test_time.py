@@ -1,4 +1,4 @@
-"""Test-time self-distillation: spend a fixed attempt budget on one hard question (reference spec §5).
+"""Test-time self-distillation: spend a fixed attempt budget on one hard question (the SDPO paper, arXiv 2601.20802, on test-time self-distillation).
 
     from sdpo_fast import test_time_self_distill
 

@@ -275,3 +275,20 @@ def test_teacher_refresh_modes_and_their_checkpoint_round_trip(tmp_path, refresh
     torch.testing.assert_close(_flat(resumed.ref_model), final_teacher, rtol=0, atol=1e-6)
     if refresh == "periodic":
         assert resumed.teacher_callback.fired_at == [2]
+
+
+@pytest.mark.slow
+def test_periodic_refresh_copies_the_students_adapter_into_a_lora_teacher(tmp_path):
+    peft = pytest.importorskip("peft")
+    from tiny_setup import make_trainer
+
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    sdpo = SDPOConfig(distillation_topk=10, teacher_refresh="periodic", teacher_refresh_steps=2)
+    trainer = make_trainer(tmp_path, max_steps=2, peft_config=lora, sdpo=sdpo)
+    trainer.train()
+    assert trainer.teacher.kind.endswith("lora-snapshot") and trainer.teacher_callback.fired_at == [2]
+    student = {n: p.detach() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    teacher = trainer.teacher.state_dict()
+    assert teacher.keys() == student.keys()
+    for name, value in teacher.items():  # after the refresh at the last step: an exact copy
+        torch.testing.assert_close(value, student[name].cpu(), rtol=0, atol=0)

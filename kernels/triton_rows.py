@@ -5,10 +5,10 @@ contiguous slices of `cols_per_split` (a multiple of BLOCK), so that few rows st
 that lives across tiles is kept per (row, split) in global memory ([N, n_splits] arrays) and merged once per
 call by the launcher (kernels/triton_head.py).
 
-`sweep_kernel`     MODE_LSE:    online max and Σ exp(z − max) over every finite entry, and the target logit.
+`sweep_kernel`     MODE_LSE:    online max and Σ exp(z − max) over every entry above −inf, and the target logit.
                    MODE_TOPK:   the student pass. Entries below the row's threshold τ (a lower bound on its
                                 final K-th largest logit) are surely outside the top-K: their exp goes straight
-                                into the tail sum. Entries at or above τ are candidates: compacted with an
+                                into the tail sum. Entries at or above τ (and NaN) are candidates: compacted with an
                                 atomic counter into the row's candidate buffer as packed (logit, id) keys.
                                 Also writes the maxima of SUB-column blocks, from which the launcher raises τ.
                    MODE_MAXIMA: only the block maxima (a pre-pass over the first tile, so that τ is finite).
@@ -35,7 +35,10 @@ MODE_MAXIMA = tl.constexpr(2)
 @triton.jit
 def _pack_keys(z, cols):
     """Order-preserving int64 keys of fp32 logits `z` at vocabulary ids `cols` (same shape)."""
-    bits = (z + 0.0).to(tl.int32, bitcast=True)  # + 0.0: −0.0 and +0.0 are one logit
+    # + 0.0: −0.0 and +0.0 are one logit. Every NaN becomes the positive quiet NaN, whose key sorts above +inf (a
+    # NaN made by an invalid operation often has its sign bit set, which would sort it below −inf).
+    z = tl.where(z == z, z + 0.0, float("nan"))
+    bits = z.to(tl.int32, bitcast=True)
     ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: flip the magnitude bits
     return (ordered.to(tl.int64) << 32) | (0x7FFFFFFF - cols).to(tl.int64)
 
@@ -81,15 +84,18 @@ def sweep_kernel(
         if MODE != MODE_MAXIMA:
             new_max = tl.maximum(run_max, tl.max(tl.max(z, axis=1), axis=0))
             shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # nothing finite yet: the sum stays 0
+            # NaN compares false both ways, so each test is written to keep a NaN logit: the LSE sweep sums it and the
+            # top-K sweep makes it a candidate (below). The row's normaliser becomes NaN, as in the naive and torch
+            # backends, instead of the NaN being dropped from both the sum and the candidates.
             if MODE == MODE_TOPK:
                 summed = ok & (z < tau)
             else:
-                summed = ok & (z > float("-inf"))
+                summed = ok & (z != float("-inf"))
             terms = tl.where(summed, tl.exp(z - shift), 0.0)
             run_sum = run_sum * tl.exp(run_max - shift) + tl.sum(tl.sum(terms, axis=1), axis=0)
             run_max = new_max
         if MODE == MODE_TOPK:
-            cand = ok & (z >= tau)
+            cand = ok & ~(z < tau)  # NaN included: its key sorts above +inf, like torch.topk's NaN
             flags = cand.to(tl.int32)
             n_cand = tl.sum(tl.sum(flags, axis=1), axis=0)
             if n_cand > 0:

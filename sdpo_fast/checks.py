@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import warnings
+from typing import Any
 
 from datasets import IterableDataset
 from trl import GRPOConfig
@@ -160,3 +161,44 @@ def check_dataset(train_dataset, processing_class) -> None:
                 "The dataset has conversational prompts but the tokenizer has no chat template. Set "
                 "`tokenizer.chat_template`, or use plain-text prompts."
             )
+
+
+def check_train_dataset(dataset: Any) -> None:
+    """Refuse a training dataset without a `prompt` column: GRPO generates from it, SDPO reprompts it.
+
+    Without this, the first training step fails with a bare `KeyError: 'prompt'` deep inside TRL.
+    A `datasets.DatasetDict` (a whole `load_dataset(...)` result) is refused with the split to pick.
+    A dataset whose columns cannot be known without reading it (a streaming dataset without features)
+    passes: TRL sees its rows first.
+    """
+    if dataset is None:
+        return
+    if _is_dataset_dict(dataset):
+        splits = list(dataset.keys())
+        raise ValueError(
+            f"train_dataset is a DatasetDict with splits {splits}, not one dataset. Pass one split, e.g. "
+            f"train_dataset=dataset[{(splits or ['train'])[0]!r}]."
+        )
+    columns = _columns(dataset)
+    if columns is None or "prompt" in columns:
+        return
+    raise ValueError(
+        f"The training dataset has no 'prompt' column (its columns: {', '.join(map(repr, columns)) or 'none'}). "
+        "SDPOTrainer, like GRPOTrainer, generates completions from the 'prompt' column: a string, or a list of "
+        "chat messages ending with a user turn. Rename your question column, e.g. "
+        "dataset.rename_column('question', 'prompt')."
+    )
+
+
+def _is_dataset_dict(dataset: Any) -> bool:
+    return type(dataset).__name__ in ("DatasetDict", "IterableDatasetDict")
+
+
+def _columns(dataset: Any) -> list[str] | None:
+    """The column names, or None when they cannot be known without iterating."""
+    names = getattr(dataset, "column_names", None)
+    if names is not None:
+        return list(names)
+    if isinstance(dataset, list | tuple):  # a list of row dicts (torch datasets index like this too)
+        return list(dataset[0]) if dataset and isinstance(dataset[0], dict) else None
+    return None

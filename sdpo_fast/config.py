@@ -200,8 +200,9 @@ class SDPOConfig:
     sizes, whatever the number of tokens and the vocabulary size."""
 
     def __post_init__(self) -> None:
+        declared = _declared_annotations(type(self))
         for f in fields(self):  # every field against its annotation first, so the range checks see clean values
-            _check_type(f.name, getattr(self, f.name), f.type)
+            _check_type(f.name, getattr(self, f.name), declared.get(f.name, f.type))
         _check_unit("grpo_weight", self.grpo_weight)
         _check_unit("distillation_alpha", self.distillation_alpha)
         _check_unit("teacher_update_rate", self.teacher_update_rate)
@@ -283,7 +284,21 @@ class SDPOConfig:
         return asdict(self)
 
 
-def _check_type(name: str, value: Any, annotation: str) -> None:
+def _declared_annotations(cls: type) -> dict[str, Any]:
+    """Each field's annotation as written in the class body, base classes first.
+
+    Not `dataclasses.Field.type`: `transformers.HfArgumentParser` (and so `trl.TrlParser`) overwrites that in
+    place with the resolved type, stripped of `None` (`int | None` becomes `int`), so a check reading it would
+    reject the `None` defaults in every later `SDPOConfig()` of the process. The class's `__annotations__` are
+    never rewritten.
+    """
+    out: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        out.update(vars(klass).get("__annotations__", {}))
+    return out
+
+
+def _check_type(name: str, value: Any, annotation: Any) -> None:
     """`value` against a field annotation such as `bool`, `int | None`, `float` or `str`.
 
     Strict on purpose: a string is truthy (`distillation_add_tail="no"` would keep the tail on) and a bool

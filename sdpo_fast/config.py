@@ -8,6 +8,7 @@ the reference implementation's *effective* Hydra values (lasgroup/SDPO, `actor.y
 
 from __future__ import annotations
 
+import importlib
 import math
 import numbers
 import string
@@ -33,6 +34,10 @@ DEFAULT_SOLUTION_TEMPLATE = "\nCorrect solution:\n\n{successful_previous_attempt
 DEFAULT_FEEDBACK_TEMPLATE = "\nThe following is feedback from your unsuccessful earlier attempt:\n\n{feedback_raw}"
 
 # Which placeholders each template must (and may only) contain.
+# Typed `str` so that argument parsers can fill them (an import path "package.module:function" there); from Python
+# they also take the callable itself.
+_CALLABLE_FIELDS = ("demonstration_policy", "demonstration_filter")
+
 _TEMPLATE_FIELDS = {
     "reprompt_template": {"prompt", "solution", "feedback"},
     "solution_template": {"successful_previous_attempt"},
@@ -127,14 +132,15 @@ class SDPOConfig:
     environment_feedback_only_without_solution: bool = True
     """Use feedback only for samples that have no demonstration."""
 
-    demonstration_policy: str | Callable = "first"
+    demonstration_policy: str = "first"
     """*(sdpo-fast)* Which successful sibling becomes the demonstration: `first` in batch order (the
     reference), `random` (what practitioners recommend), `shortest`, `longest`, or a callable that takes the
-    candidates' texts and returns the index of the chosen one."""
+    candidates' texts and returns the index of the chosen one (from a command line or YAML file: its import path,
+    `"package.module:function"`)."""
 
-    demonstration_filter: Callable | None = None
-    """*(sdpo-fast)* A callable `text -> bool`; a successful completion it rejects is never a demonstration
-    (e.g. one with several answer blocks)."""
+    demonstration_filter: str | None = None
+    """*(sdpo-fast)* A callable `text -> bool` (or its import path `"package.module:function"`); a successful
+    completion it rejects is never a demonstration (e.g. one with several answer blocks)."""
 
     reprompt_template: str = DEFAULT_REPROMPT_TEMPLATE
     """Teacher user turn. Placeholders: `{prompt}` (the original question), `{solution}`, `{feedback}`."""
@@ -202,6 +208,8 @@ class SDPOConfig:
     def __post_init__(self) -> None:
         declared = _declared_annotations(type(self))
         for f in fields(self):  # every field against its annotation first, so the range checks see clean values
+            if f.name in _CALLABLE_FIELDS and callable(getattr(self, f.name)):
+                continue  # typed `str` for argument parsers (an import path there), a callable from Python
             _check_type(f.name, getattr(self, f.name), declared.get(f.name, f.type))
         _check_unit("grpo_weight", self.grpo_weight)
         _check_unit("distillation_alpha", self.distillation_alpha)
@@ -222,12 +230,12 @@ class SDPOConfig:
         _check_choice("loss_agg_mode", self.loss_agg_mode, LOSS_AGG_MODES)
         _check_choice("objective", self.objective, objective_names())
         _check_choice("teacher_refresh", self.teacher_refresh, TEACHER_REFRESH)
-        if not callable(self.demonstration_policy):
+        if isinstance(self.demonstration_policy, str) and ":" not in self.demonstration_policy:
             _check_choice("demonstration_policy", self.demonstration_policy, DEMONSTRATION_POLICIES)
-        if self.demonstration_filter is not None and not callable(self.demonstration_filter):
-            raise TypeError(
-                f"demonstration_filter must be a callable text -> bool or None, got {self.demonstration_filter!r}."
-            )
+        for name in ("demonstration_policy", "demonstration_filter"):
+            value = getattr(self, name)
+            if isinstance(value, str) and ":" in value:
+                setattr(self, name, _import_callable(name, value))
         _check_unit("rlsd_lambda", self.rlsd_lambda)
         for name in ("rlsd_epsilon", "kl_clip"):
             if not getattr(self, name) > 0:
@@ -328,6 +336,18 @@ def _check_type(name: str, value: Any, annotation: Any) -> None:
         raise TypeError(f"{name} must be callable{optional}, got {value!r}.")
     elif kind == "str" and not isinstance(value, str) and not ("Callable" in kinds and callable(value)):
         raise TypeError(f"{name} must be a string, got {type(value).__name__} {value!r}.")
+
+
+def _import_callable(name: str, path: str) -> Callable:
+    """`"package.module:function"` → the function, with an error that names the field and the path."""
+    module_name, _, attr = path.partition(":")
+    try:
+        value = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"{name}={path!r} cannot be imported ({err}). Give 'package.module:function'.") from None
+    if not callable(value):
+        raise TypeError(f"{name}={path!r} is not callable.")
+    return value
 
 
 def _check_unit(name: str, value: float) -> None:

@@ -118,3 +118,19 @@ def test_a_nonfinite_student_is_never_copied_into_a_periodic_teacher():
     with pytest.warns(UserWarning, match="skipped a periodic teacher refresh"):
         calls, _ = _run("periodic", 3, student=student)
     assert calls == []
+
+
+def test_demonstration_callables_by_import_path_for_command_lines_and_yaml():
+    config = SDPOConfig(demonstration_policy="operator:length_hint", demonstration_filter="builtins:bool")
+    import operator
+
+    assert config.demonstration_policy is operator.length_hint and config.demonstration_filter is bool
+    assert SDPOConfig(demonstration_policy=min).demonstration_policy is min  # from Python, the callable itself
+    with pytest.raises(ValueError, match="cannot be imported"):
+        SDPOConfig(demonstration_filter="no_such_module:f")
+    with pytest.raises(ValueError, match="Unknown demonstration_policy"):
+        SDPOConfig(demonstration_policy="best")
+    from transformers import HfArgumentParser
+
+    (parsed,) = HfArgumentParser(SDPOConfig).parse_args_into_dataclasses(["--demonstration_policy", "random"])
+    assert parsed.demonstration_policy == "random" and parsed.demonstration_filter is None

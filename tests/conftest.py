@@ -27,3 +27,20 @@ sys.path.insert(0, str(Path(__file__).parent))
 settings.register_profile("sdpo", derandomize=True, print_blob=True)
 settings.load_profile("sdpo")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@contextlib.contextmanager
+def bench_scripts_imported(*names: str):
+    """bench/'s scripts (plain scripts, not a package) imported from their folder, and forgotten afterwards."""
+    import importlib
+
+    bench = str(Path(__file__).resolve().parents[1] / "bench")
+    saved = {n: sys.modules.pop(n) for n in names if n in sys.modules}
+    sys.path.insert(0, bench)
+    try:
+        yield {n: importlib.import_module(n) for n in names}
+    finally:
+        sys.path.remove(bench)
+        for n in names:
+            sys.modules.pop(n, None)
+        sys.modules.update(saved)

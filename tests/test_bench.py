@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import subprocess
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import bench_scripts_imported
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
@@ -122,17 +122,11 @@ def test_report_re_renders_an_earlier_run(tiny_run, tmp_path):
 
 @pytest.fixture
 def bench_modules():
-    """Import bench/run.py and its siblings (plain scripts, not a package), then forget them again."""
-    names = ("run", "sweep", "report", "worker", "head_bench", "topk_sim", "cost_model", "gpu_summary")
-    saved = {n: sys.modules.pop(n) for n in names if n in sys.modules}
-    sys.path.insert(0, str(BENCH))
-    try:
-        yield {n: importlib.import_module(n) for n in names}
-    finally:
-        sys.path.remove(str(BENCH))
-        for n in names:
-            sys.modules.pop(n, None)
-        sys.modules.update(saved)
+    """bench/'s scripts, imported from their folder and forgotten afterwards."""
+    with bench_scripts_imported(
+        *("run", "sweep", "report", "worker", "head_bench", "topk_sim", "cost_model", "gpu_summary")
+    ) as modules:
+        yield modules
 
 
 def _head(impl, loss, topk=100, mem=100.0, ms=10.0, tokens=2048):

@@ -21,6 +21,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import bench_scripts_imported
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
@@ -31,19 +32,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def bench_scripts():
-    """bench/'s scripts (not a package), imported from their folder and forgotten afterwards."""
-    import importlib
-
-    names = ("build_gpu_wheels", "run", "sweep", "report", "worker")
-    saved = {n: sys.modules.pop(n) for n in names if n in sys.modules}
-    sys.path.insert(0, str(BENCH))
-    try:
-        yield {n: importlib.import_module(n) for n in names}
-    finally:
-        sys.path.remove(str(BENCH))
-        for n in names:
-            sys.modules.pop(n, None)
-        sys.modules.update(saved)
+    """bench/'s scripts, imported from their folder and forgotten afterwards."""
+    with bench_scripts_imported(*("build_gpu_wheels", "run", "sweep", "report", "worker")) as modules:
+        yield modules
 
 
 def launches() -> list[dict]:

@@ -101,7 +101,7 @@ def test_student_topk_passed_to_teacher(tmp_path, monkeypatch):
     h_s, w_s, h_t, w_t, y = captured["args"]
     assert not torch.equal(h_s, h_t)  # the teacher really is a different context
     div, _, _ = oracle_head(h_s, w_s, h_t, w_t, y, topk=5, add_tail=True, alpha=0.0, temperature=trainer.temperature)
-    torch.testing.assert_close(captured["out"].divergence.double(), div, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(captured["out"][0].divergence.double(), div, rtol=1e-4, atol=1e-6)
     # the same divergence on the *teacher's* own top-K is a different number: the support comes from the student
     swapped, _, _ = oracle_head(h_t, w_t, h_s, w_s, y, topk=5, add_tail=True, alpha=1.0)
     assert not torch.allclose(swapped, div, rtol=1e-3)
@@ -596,7 +596,7 @@ def test_bf16_autocast_default_keeps_the_head_in_fp32(tmp_path, monkeypatch):
     trainer.compute_loss(trainer.model, inputs)
     h_s, w_s, h_t, w_t, y = captured["a"]
     div, _, _ = oracle_head(h_s, w_s, h_t, w_t, y, topk=10, add_tail=True, alpha=0.5, temperature=trainer.temperature)
-    torch.testing.assert_close(captured["out"].divergence.double(), div, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(captured["out"][0].divergence.double(), div, rtol=1e-4, atol=1e-6)
 
 
 def _lora_trainer(tmp_path, **lora_kwargs):

@@ -47,6 +47,7 @@ def tiny_run(tmp_path_factory):
     return out, json.loads((out / "records.json").read_text()), proc.stdout
 
 
+@pytest.mark.slow
 def test_records_carry_every_field(tiny_run):
     _, records, _ = tiny_run
     assert records

@@ -193,6 +193,7 @@ def test_backends_match_oracle_float64(backend, alpha, topk, add_tail):
     assert_matches_oracle(backend, 13, 16, 97, topk=topk, add_tail=add_tail, alpha=alpha, temperature=0.7)
 
 
+@pytest.mark.slow
 def test_torch_backend_tiny_budget_many_tiles_and_odd_shapes():
     # a 1 MiB budget forces many row and vocabulary tiles; V not a multiple of 128; K not a power of two
     for topk in (7, 130, None):
@@ -465,6 +466,7 @@ def test_auto_backend_and_triton_on_cpu_error(monkeypatch):
     budget=st.sampled_from([0.01, 1.0]),
     seed=st.integers(0, 10_000),
 )
+@pytest.mark.slow
 def test_fuzz_torch_backend_against_oracle(n, h, v, k_frac, full, alpha, add_tail, temperature, budget, seed):
     topk = None if full else max(1, round(k_frac * v))
     assert_matches_oracle(

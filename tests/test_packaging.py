@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -27,6 +29,7 @@ def _from_root(*args):
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_a_checkout_imports_with_hugging_faces_kernels():
     """From the repository root (on sys.path as '' for -c and -m), the root's kernels/ must not shadow HF `kernels`,
     which transformers >= 5.25 requires: the trainer imports, the CLI runs, and `import kernels` is HF's or absent."""

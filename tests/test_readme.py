@@ -21,6 +21,7 @@ def _section_code(title: str) -> str:
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
+@pytest.mark.slow
 def test_use_it_like_grpo_trainer_snippet_runs_verbatim(tmp_path, monkeypatch):
     import trl.trainer.grpo_trainer as grpo_module
 

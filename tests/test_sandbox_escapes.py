@@ -331,6 +331,7 @@ def _leg_command(workdir: Path) -> tuple[list[str] | None, str]:
     return ["sudo", "-n", "--preserve-env", sys.executable, *pytest_args], ""
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(bool(os.environ.get(OTHER_LEG_ENV)), reason="this is the other leg already")
 def test_escapes_hold_for_the_other_kind_of_trainer(tmp_path):
     command, why = _leg_command(tmp_path)

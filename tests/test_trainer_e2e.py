@@ -169,6 +169,7 @@ def test_reward_func_float_format_no_feedback(tmp_path):
     assert inputs["self_distillation_mask"].sum() == 0
 
 
+@pytest.mark.slow
 def test_training_loop_completes_10_steps(tmp_path):
     trainer = make_trainer(tmp_path, max_steps=10)
     trainer.train()
@@ -193,6 +194,7 @@ def test_training_loop_completes_10_steps(tmp_path):
         assert h["loss"] == pytest.approx(h["sdpo/loss"], rel=1e-4, abs=1e-9)
 
 
+@pytest.mark.slow
 def test_loss_decreases_over_steps(tmp_path):
     # A trivial task: every sibling succeeds, the teacher is frozen (τ = 0), and the student is pulled
     # towards the demonstration-conditioned teacher on a single repeated prompt.
@@ -245,6 +247,7 @@ def test_gradient_accumulation_invariance(tmp_path, agg):
     assert log_a["loss"] == pytest.approx(log_b["loss"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_teacher_rows_stay_aligned_across_shuffle_and_iterations(tmp_path, monkeypatch):
     trainer = make_trainer(
         tmp_path,
@@ -270,6 +273,7 @@ def test_teacher_rows_stay_aligned_across_shuffle_and_iterations(tmp_path, monke
     assert trainer.ema_callback.period == 8 and trainer.ema_callback.fired_at == [8]
 
 
+@pytest.mark.slow
 def test_ema_cadence_once_per_generation_batch(tmp_path):
     trainer = make_trainer(tmp_path, num_iterations=2, max_steps=6)
     trainer.train()
@@ -566,6 +570,7 @@ def test_teacher_micro_batches_do_not_change_the_loss(tmp_path):
     torch.testing.assert_close(grad_a, grad_b, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["naive", "triton"])
 def test_head_backends_agree_inside_the_trainer(tmp_path, backend):
     ref = make_trainer(tmp_path / "torch", sdpo=SDPOConfig(distillation_topk=10, distillation_backend="torch"))

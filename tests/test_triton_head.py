@@ -52,6 +52,7 @@ def test_triton_matches_oracle(alpha, topk, add_tail):
     )
 
 
+@pytest.mark.slow
 def test_multiple_vocabulary_splits_and_chunks_odd_k():
     # V=1000 gives 4 vocabulary splits to merge; a tiny budget gives several backward chunks; K=7
     assert_matches_oracle(
@@ -105,6 +106,7 @@ def test_exact_tails_full_vocabulary_and_many_tiles():
     assert_exact("triton", inputs, topk=3, add_tail=True, alpha=0.0, temperature=2.0, budget_mb=0.002)
 
 
+@pytest.mark.slow
 def test_many_row_chunks_and_vocabulary_tiles():
     # 40 rows in chunks of 16 (the last one partial) × 4 vocabulary tiles, each chunk with its own max pre-pass
     inputs = exact_inputs(40, 200, 9, 14, 1e4, ties=True, seed=6)
@@ -169,6 +171,7 @@ def test_float64_is_refused_with_the_fix():
     temperature=st.sampled_from([0.6, 1.0, 1.5]),
     seed=st.integers(0, 10_000),
 )
+@pytest.mark.slow
 def test_fuzz_triton_against_oracle(n, h, v, k, full, alpha, add_tail, temperature, seed):
     assert_matches_oracle(
         "triton",

@@ -202,3 +202,63 @@ def _columns(dataset: Any) -> list[str] | None:
     if isinstance(dataset, list | tuple):  # a list of row dicts (torch datasets index like this too)
         return list(dataset[0]) if dataset and isinstance(dataset[0], dict) else None
     return None
+
+
+# Where configs state how many positions the model has: absolute position tables (GPT-2: n_positions, n_ctx) or
+# the length a RoPE model was trained for (max_position_embeddings; max_sequence_length in a few remote configs).
+_CONTEXT_ATTRIBUTES = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length")
+
+
+def model_context_length(config) -> int | None:
+    """The number of positions the model supports, or None when its config does not say.
+
+    A RoPE scaling that extends the context (YaRN, linear, dynamic NTK: `factor` × the original length) counts,
+    so a model configured for a longer context is not cut to its pre-training length.
+    """
+    if config is None:
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    length = next(
+        (
+            value
+            for value in (getattr(text, name, None) for name in _CONTEXT_ATTRIBUTES)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0
+        ),
+        None,
+    )
+    if length is None:
+        return None
+    rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None)
+    if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) not in (None, "default"):
+        factor = rope.get("factor")
+        if isinstance(factor, int | float) and factor > 1:
+            length = max(length, int(factor * rope.get("original_max_position_embeddings", length)))
+    return length
+
+
+def check_context_length(args: GRPOConfig, sdpo: SDPOConfig, context: int | None) -> None:
+    """Say at construction when a teacher prompt of max_reprompt_len tokens plus a completion cannot fit the model.
+
+    Not an error: each step shortens such prompts to what fits (or masks them out) and warns; this says so up front,
+    with the setting that makes the cap explicit.
+    """
+    completion = getattr(args, "max_completion_length", None) or 0
+    if context is None or sdpo.max_reprompt_len + completion <= context:
+        return
+    room = context - completion
+    fix = (
+        f"Set SDPOConfig.max_reprompt_len <= {room} to make that cap explicit"
+        if room > 0
+        else "Lower max_completion_length below the context"
+    )
+    logger.warning(
+        "SDPOConfig.max_reprompt_len=%d plus max_completion_length=%d exceeds the model's context of %d positions: "
+        "a teacher prompt longer than %d tokens is shortened by reprompt_truncation=%r, or masked out of the loss and "
+        "counted in self_distillation/reprompt_overflow_count. %s, or use a model with a longer context.",
+        sdpo.max_reprompt_len,
+        completion,
+        context,
+        max(room, 0),
+        sdpo.reprompt_truncation,
+        fix,
+    )

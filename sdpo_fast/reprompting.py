@@ -370,21 +370,31 @@ class TokenizedReprompt:
     overflow: bool = False  # could not fit at all: masked out of the loss
 
 
-def tokenize_reprompt(reprompt: Reprompt, codec: PromptCodec, *, max_len: int, truncation: str) -> TokenizedReprompt:
-    """Tokenise one teacher prompt and apply the truncation policy (`middle`, `left`, `right`, `error`)."""
+def tokenize_reprompt(
+    reprompt: Reprompt, codec: PromptCodec, *, max_len: int, truncation: str, bound: str | None = None
+) -> TokenizedReprompt:
+    """Tokenise one teacher prompt and apply the truncation policy (`middle`, `left`, `right`, `error`).
+
+    `bound` says what sets `max_len` when it is not `max_reprompt_len` (the model's context less the completion),
+    so that the `error` policy names the right setting. No room at all (`max_len < 1`) masks the sample out.
+    """
     ids = codec.encode_reprompt(reprompt)
     if len(ids) <= max_len:
         return TokenizedReprompt(ids)
+    if truncation == "error":
+        limit = f"max_reprompt_len={max_len}" if bound is None else f"the {max_len} tokens left by {bound}"
+        raise ValueError(
+            f"A teacher prompt has {len(ids)} tokens, more than {limit}. Raise SDPOConfig.max_reprompt_len (or, "
+            "when the model's context is the bound, lower max_completion_length or use a longer-context model), "
+            "shorten the demonstrations/feedback, or choose reprompt_truncation='middle' (trims only the "
+            "demonstration/feedback text)."
+        )
+    if max_len < 1:  # not even one prompt token fits beside the completion
+        return TokenizedReprompt([], truncated=True, overflow=True)
     if truncation == "left":
-        return TokenizedReprompt(ids[-max_len:], truncated=True)
+        return TokenizedReprompt(ids[len(ids) - max_len :], truncated=True)
     if truncation == "right":
         return TokenizedReprompt(ids[:max_len], truncated=True)
-    if truncation == "error":
-        raise ValueError(
-            f"A teacher prompt has {len(ids)} tokens, more than max_reprompt_len={max_len}. Raise "
-            "SDPOConfig.max_reprompt_len, shorten the demonstrations/feedback, or choose "
-            "reprompt_truncation='middle' (trims only the demonstration/feedback text)."
-        )
     return _truncate_middle(reprompt, codec, ids, max_len)
 
 
@@ -394,7 +404,7 @@ def _truncate_middle(reprompt: Reprompt, codec: PromptCodec, ids: list[int], max
     The question, system turns, template text, closing instruction and generation prompt are never
     cut. If even an empty payload does not fit, the sample is marked `overflow` (masked out).
     """
-    overflow = TokenizedReprompt(ids[-max_len:], truncated=True, overflow=True)
+    overflow = TokenizedReprompt(ids[len(ids) - max_len :], truncated=True, overflow=True)
     if not reprompt.active:  # the plain question alone is too long: there is nothing we may cut
         return overflow
     base = len(codec.encode_reprompt(reprompt, demonstration="", feedback=""))

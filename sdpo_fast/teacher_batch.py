@@ -19,7 +19,13 @@ from typing import Any
 import torch
 
 from .config import SDPOConfig
-from .reprompting import Prompt, PromptCodec, build_teacher_contexts, group_key, tokenize_reprompt
+from .reprompting import (
+    Prompt,
+    PromptCodec,
+    build_teacher_contexts,
+    group_key,
+    tokenize_reprompt,
+)
 
 
 @dataclass
@@ -54,14 +60,21 @@ class TeacherBatch:
     overflow: int  # teacher prompts that could not fit and were masked out (this process)
     prompt_tokens: int  # total teacher prompt length (this process)
     metrics: dict[str, float]  # the reference's `self_distillation/*` metrics, over the global batch
+    # teacher prompts the model's context (less the completion) shortened, and masked out, on this process
+    context_truncated: int = 0
+    context_overflow: int = 0
+    context_len: int | None = None
 
     def summary(self) -> list[float]:
-        """[truncated, overflow, teacher prompt tokens, samples with a teacher]: what the processes sum."""
+        """[truncated, overflow, teacher prompt tokens, samples with a teacher, truncated by the context, masked out
+        by the context]: what the processes sum."""
         return [
             float(self.truncated),
             float(self.overflow),
             float(self.prompt_tokens),
             float(self.self_distillation_mask.sum()),
+            float(self.context_truncated),
+            float(self.context_overflow),
         ]
 
     def tensors(self, device) -> dict[str, torch.Tensor]:
@@ -94,7 +107,8 @@ def batch_report(
     batch: TeacherBatch, stats: list[float], has_signal: bool, config: SDPOConfig, n_global: int
 ) -> tuple[dict[str, float], dict[str, str]]:
     """The batch's `self_distillation/*` metrics and warnings (by key, for warn-once), from the process-summed
-    `stats` = [truncated, overflow, teacher prompt tokens, samples with a teacher]."""
+    `stats` = `TeacherBatch.summary()`: [truncated, overflow, teacher prompt tokens, samples with a teacher, and
+    optionally truncated / masked out by the model's context]."""
     n = max(n_global, 1)
     metrics = dict(batch.metrics)
     metrics["self_distillation/reprompt_sample_fraction"] = stats[3] / n  # after overflow masking
@@ -108,26 +122,76 @@ def batch_report(
             f"success_reward_threshold={config.success_reward_threshold}) or usable feedback, so the SDPO loss is 0 "
             "for it. Lower the threshold, return feedback from a reward function, or raise grpo_weight."
         )
-    if stats[1] > 0:
+    by_context, masked_by_context = (stats[4], stats[5]) if len(stats) > 5 else (0.0, 0.0)
+    if stats[1] > masked_by_context:
         warnings["overflow"] = (
-            f"SDPO: {int(stats[1])} teacher prompt(s) did not fit max_reprompt_len={config.max_reprompt_len} even "
-            "with the demonstration/feedback trimmed; they are masked out of the loss. Raise max_reprompt_len."
+            f"SDPO: {int(stats[1] - masked_by_context)} teacher prompt(s) did not fit max_reprompt_len="
+            f"{config.max_reprompt_len} even with the demonstration/feedback trimmed; they are masked out of the loss. "
+            "Raise max_reprompt_len."
+        )
+    if by_context > 0:
+        warnings["context"] = (
+            f"SDPO: {int(by_context)} teacher prompt(s) plus their completions exceeded the model's context of "
+            f"{batch.context_len} positions: {int(by_context - masked_by_context)} shortened by reprompt_truncation="
+            f"{config.reprompt_truncation!r}, {int(masked_by_context)} masked out of the loss (counted in "
+            "self_distillation/reprompt_overflow_count). Set SDPOConfig.max_reprompt_len to at most the context less "
+            "max_completion_length, shorten the demonstrations/feedback, or use a model with a longer context."
         )
     return metrics, warnings
 
 
+def prompt_limits(
+    max_reprompt_len: int, context_len: int | None, completion_lengths: Sequence[int] | None, count: int
+) -> list[tuple[int, str | None]]:
+    """Per sample: the most teacher-prompt tokens it may have, and what sets that bound when it is the model's
+    context rather than `max_reprompt_len` (None then)."""
+    if context_len is None:
+        return [(max_reprompt_len, None)] * count
+    if completion_lengths is None or len(completion_lengths) != count:
+        raise ValueError(
+            f"context_len needs one completion length per local sample ({count}), got "
+            f"{None if completion_lengths is None else len(completion_lengths)}."
+        )
+    limits: list[tuple[int, str | None]] = []
+    for length in completion_lengths:
+        room = context_len - int(length)
+        if room < max_reprompt_len:
+            limits.append(
+                (room, f"the model's context of {context_len} positions less a {int(length)}-token completion")
+            )
+        else:
+            limits.append((max_reprompt_len, None))
+    return limits
+
+
 def build_teacher_batch(
-    rollouts: ScoredRollouts, codec: PromptCodec, config: SDPOConfig, *, start: int, count: int, pad_id: int, seed=0
+    rollouts: ScoredRollouts,
+    codec: PromptCodec,
+    config: SDPOConfig,
+    *,
+    start: int,
+    count: int,
+    pad_id: int,
+    seed=0,
+    context_len: int | None = None,
+    completion_lengths: Sequence[int] | None = None,
 ) -> TeacherBatch:
-    """The teacher batch of the process that owns samples `start : start + count` of the global batch."""
+    """The teacher batch of the process that owns samples `start : start + count` of the global batch.
+
+    With `context_len` (the model's positions) and `completion_lengths` (this process's completions, in tokens),
+    each teacher prompt is also held to `context_len − its completion length`: the teacher's positions follow its
+    attention mask, so prompt + completion is exactly what must fit. A longer prompt is shortened by
+    `reprompt_truncation` or masked out and counted, never passed on to overrun the model.
+    """
     keys = [group_key(p, u) for p, u in zip(rollouts.prompts, rollouts.uids)]
     contexts = build_teacher_contexts(
         rollouts.prompts, keys, rollouts.scores, rollouts.completions, rollouts.feedback, config, seed=seed
     )
     local = contexts.reprompts[start : start + count]
+    limits = prompt_limits(config.max_reprompt_len, context_len, completion_lengths, count)
     tokenized = [
-        tokenize_reprompt(r, codec, max_len=config.max_reprompt_len, truncation=config.reprompt_truncation)
-        for r in local
+        tokenize_reprompt(r, codec, max_len=limit, truncation=config.reprompt_truncation, bound=bound)
+        for r, (limit, bound) in zip(local, limits)
     ]
     width = max((len(t.ids) for t in tokenized), default=0)
     prompt_ids = torch.full((count, width), pad_id, dtype=torch.long)
@@ -151,4 +215,7 @@ def build_teacher_batch(
         overflow=sum(t.overflow for t in tokenized),
         prompt_tokens=sum(len(t.ids) for t in tokenized),
         metrics=dict(contexts.metrics),
+        context_truncated=sum(t.truncated for t, (_, bound) in zip(tokenized, limits) if bound is not None),
+        context_overflow=sum(t.overflow for t, (_, bound) in zip(tokenized, limits) if bound is not None),
+        context_len=context_len,
     )

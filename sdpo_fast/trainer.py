@@ -78,6 +78,8 @@ class _SDPOTrainerMixin:
         checks.check_layout(self._parallelism, vision_language=self._is_vlm)
         unwrapped = self.model.get_base_model() if is_peft_model(self.model) else self.model
         check_head_compatible(unwrapped, sdpo.distillation_topk)
+        self._context_length = checks.model_context_length(unwrapped.config)  # teacher prompt + completion must fit
+        checks.check_context_length(self.args, sdpo, self._context_length)
         # resolved once, so that the log and `sdpo/backend` say what runs (auto: torch for K > 256 too)
         self.sdpo_backend = resolve_backend(sdpo.distillation_backend, self.accelerator.device, sdpo.distillation_topk)
         add_sdpo_forward(unwrapped)
@@ -169,6 +171,7 @@ class _SDPOTrainerMixin:
         batch = build_teacher_batch(
             self._rollouts, codec, self.sdpo_config, start=self.accelerator.process_index * n_local, count=n_local,
             pad_id=self._tokenizer.pad_token_id, seed=self.args.seed + self.state.global_step,
+            context_len=self._context_length, completion_lengths=output["completion_mask"].sum(dim=1).tolist(),
         )  # fmt: skip
         tensors = {
             "teacher_input_ids": torch.cat([batch.prompt_ids.to(device), output["completion_ids"]], dim=1),

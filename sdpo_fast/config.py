@@ -118,7 +118,9 @@ class SDPOConfig:
 
     # ------------------------------------------------------------------ reprompting
     success_reward_threshold: float = 0.5
-    """A rollout whose (weighted, summed) reward is ≥ this is a success, usable as a demonstration."""
+    """A rollout whose (weighted, summed) reward is ≥ this is a success, usable as a demonstration for its
+    siblings: the other completions of the same dataset row (GRPO's group), or of the rows that share its value
+    in a dataset `uid` column, if there is one (a uid joining different prompts or targets is warned about)."""
 
     dont_reprompt_on_self_success: bool = True
     """Never use a sample as its own demonstration."""
@@ -152,7 +154,8 @@ class SDPOConfig:
     """Feedback section. Placeholder: `{feedback_raw}`."""
 
     max_reprompt_len: int = 10240
-    """Maximum length of the teacher prompt in tokens (the completion is appended after it)."""
+    """Maximum length of the teacher prompt in tokens (the completion is appended after it). A prompt is also
+    held to the model's context less its completion's length, so the teacher never runs past the context."""
 
     reprompt_truncation: str = "middle"
     """*(sdpo-fast default)* How an over-long teacher prompt is shortened. `middle` trims the middle

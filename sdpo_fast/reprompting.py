@@ -43,10 +43,13 @@ def remove_thinking(text: str) -> str:
     return THINK_PATTERN.sub("", text)
 
 
-def group_key(prompt: Prompt, uid: Any = None) -> str:
-    """The rollout-group key: the dataset's `uid` if given, else the prompt itself."""
+def group_key(prompt: Prompt, uid: Any = None, row: int | None = None) -> str:
+    """The rollout-group key: the dataset's `uid` if given, else the dataset row the sample was generated from
+    (GRPO's group, and the reference's `uid`), else, when the caller knows no rows, the prompt itself."""
     if uid is not None:
-        return f"uid:{uid}"
+        return f"uid:{uid!r}"
+    if row is not None:
+        return f"row:{row}"
     if isinstance(prompt, str):
         return "text:" + prompt
     return "chat:" + json.dumps(prompt, sort_keys=True, default=str)

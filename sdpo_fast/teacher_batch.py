@@ -11,6 +11,8 @@ across processes; each process then tokenises only its own slice.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,6 +26,7 @@ from .reprompting import (
     PromptCodec,
     build_teacher_contexts,
     group_key,
+    question_text,
     tokenize_reprompt,
 )
 
@@ -37,13 +40,87 @@ class ScoredRollouts:
     feedback: list[str | None]  # the reward functions' combined feedback per sample
     scores: list[float]  # the weighted reward sum; NaN where every reward function returned None
     uids: list[Any] = field(default_factory=list)  # the dataset's `uid` column, if any
+    # GRPO's group size: TRL's sampler puts the `num_generations` completions of one dataset row in one contiguous
+    # block of the gathered batch, so sample i comes from row i // group_size. None: rows unknown, group by prompt.
+    group_size: int | None = None
+    columns: list[dict[str, str]] = field(default_factory=list)  # `row_columns` of each sample's dataset row
 
     def __post_init__(self):
         n = len(self.prompts)
         if not self.uids:
             self.uids = [None] * n
-        if not n == len(self.completions) == len(self.feedback) == len(self.scores) == len(self.uids):
-            raise ValueError("ScoredRollouts: prompts, completions, feedback, scores and uids must have equal lengths.")
+        if not self.columns:
+            self.columns = [{} for _ in range(n)]
+        lengths = (len(self.completions), len(self.feedback), len(self.scores), len(self.uids), len(self.columns))
+        if any(length != n for length in lengths):
+            raise ValueError(
+                "ScoredRollouts: prompts, completions, feedback, scores, uids and columns must have equal lengths."
+            )
+        if self.group_size is not None and (self.group_size < 1 or n % self.group_size):
+            raise ValueError(f"ScoredRollouts: {n} samples do not form groups of group_size={self.group_size}.")
+
+    def group_keys(self) -> list[str]:
+        """Each sample's group: its `uid` where the dataset has one, else its dataset row (see `group_key`)."""
+        rows = (
+            [None] * len(self.prompts)
+            if self.group_size is None
+            else [i // self.group_size for i in range(len(self.prompts))]
+        )
+        return [group_key(p, u, r) for p, u, r in zip(self.prompts, self.uids, rows)]
+
+
+# Columns TRL adds or the trainer reads itself; every other column is the row's own data (e.g. a hidden `answer`).
+_NOT_ROW_DATA = ("prompt", "completion", "completion_ids", "uid")
+
+
+def row_columns(row: dict[str, Any]) -> dict[str, str]:
+    """A short digest of each data column of a dataset row, to tell whether two rows under one `uid` differ."""
+    return {
+        name: hashlib.sha256(json.dumps(value, sort_keys=True, default=repr).encode("utf-8", "replace")).hexdigest()[
+            :16
+        ]
+        for name, value in row.items()
+        if name not in _NOT_ROW_DATA
+    }
+
+
+def group_warnings(rollouts: ScoredRollouts, keys: Sequence[str]) -> dict[str, str]:
+    """Warnings for a `uid` column that joins rows which are not one question: different prompts, or the same prompt
+    with different data (hidden targets such as `answer`). One sample's success would become another question's
+    "Correct solution". The first offending uid is named; the trainer gives each warning once."""
+    first: dict[str, int] = {}
+    out: dict[str, str] = {}
+    for i, key in enumerate(keys):
+        if rollouts.uids[i] is None:
+            continue
+        j = first.setdefault(key, i)
+        if j == i:
+            continue
+        uid = rollouts.uids[i]
+        if "uid_prompts" not in out and group_key(rollouts.prompts[i]) != group_key(rollouts.prompts[j]):
+            out["uid_prompts"] = (
+                f"SDPO: the dataset's uid {uid!r} is shared by different prompts ({_excerpt(rollouts.prompts[j])} and "
+                f"{_excerpt(rollouts.prompts[i])}), so one prompt's successful completion becomes the other's "
+                "demonstration. Give each question its own uid, or drop the uid column to group by dataset row "
+                "(GRPO's groups)."
+            )
+        differing = sorted(
+            name
+            for name in rollouts.columns[i].keys() | rollouts.columns[j].keys()
+            if rollouts.columns[i].get(name) != rollouts.columns[j].get(name)
+        )
+        if "uid_columns" not in out and differing:
+            out["uid_columns"] = (
+                f"SDPO: the dataset's uid {uid!r} joins rows whose {', '.join(differing)} differ, so they share "
+                "demonstrations although their targets differ. Give rows with different data different uids, or drop "
+                "the uid column to group by dataset row (GRPO's groups)."
+            )
+    return out
+
+
+def _excerpt(prompt: Prompt, limit: int = 60) -> str:
+    text = question_text(prompt) if isinstance(prompt, list) and prompt else str(prompt)
+    return repr(text if len(text) <= limit else text[: limit - 1] + "…")
 
 
 @dataclass
@@ -64,6 +141,7 @@ class TeacherBatch:
     context_truncated: int = 0
     context_overflow: int = 0
     context_len: int | None = None
+    warnings: dict[str, str] = field(default_factory=dict)  # about the gathered batch (the groups), by warn-once key
 
     def summary(self) -> list[float]:
         """[truncated, overflow, teacher prompt tokens, samples with a teacher, truncated by the context, masked out
@@ -115,7 +193,7 @@ def batch_report(
     metrics["self_distillation/reprompt_truncated_count"] = stats[0]
     metrics["self_distillation/reprompt_overflow_count"] = stats[1]
     metrics["self_distillation/teacher_prompt_length_mean"] = stats[2] / n
-    warnings = {}
+    warnings = dict(batch.warnings)
     if not has_signal:
         warnings["no_signal"] = (
             "SDPO: no sample in this generation batch has a demonstration (no group reached "
@@ -183,7 +261,7 @@ def build_teacher_batch(
     attention mask, so prompt + completion is exactly what must fit. A longer prompt is shortened by
     `reprompt_truncation` or masked out and counted, never passed on to overrun the model.
     """
-    keys = [group_key(p, u) for p, u in zip(rollouts.prompts, rollouts.uids)]
+    keys = rollouts.group_keys()
     contexts = build_teacher_contexts(
         rollouts.prompts, keys, rollouts.scores, rollouts.completions, rollouts.feedback, config, seed=seed
     )
@@ -218,4 +296,5 @@ def build_teacher_batch(
         context_truncated=sum(t.truncated for t, (_, bound) in zip(tokenized, limits) if bound is not None),
         context_overflow=sum(t.overflow for t, (_, bound) in zip(tokenized, limits) if bound is not None),
         context_len=context_len,
+        warnings=group_warnings(rollouts, keys),
     )

@@ -32,7 +32,7 @@ from .step_guard import NonFiniteStepGuard
 from .teacher import build_teacher
 from .teacher.checkpoint import check_checkpoint_matches, restore_teacher, save_teacher
 from .teacher.schedule import teacher_schedule
-from .teacher_batch import ScoredRollouts, batch_report, build_teacher_batch, success_scores
+from .teacher_batch import ScoredRollouts, batch_report, build_teacher_batch, row_columns, success_scores
 from .unsloth import RebuiltOnCurrentGRPOTrainer
 
 logger = logging.getLogger(__name__)
@@ -154,6 +154,9 @@ class _SDPOTrainerMixin:
                 gather_object(list(prompts)), gather_object(texts), gather_object(self._feedback.combined(len(prompts))),
                 success_scores(rewards_per_func, self.reward_weights),  # rewards_per_func is already global
                 gather_object([row.get("uid") for row in inputs]),
+                # GRPO's groups: each dataset row's completions, one contiguous block (TRL's RepeatSampler)
+                group_size=self.num_generations if self.model.training else self.num_generations_eval,
+                columns=gather_object([row_columns(row) for row in inputs]),
             )  # fmt: skip
         return rewards_per_func
 

@@ -187,18 +187,13 @@ class _SDPOTrainerMixin:
         return {**tensors, **counts}
 
     def _log_teacher_batch(self, batch, counts, stats, n_global: int) -> None:
-        metrics, warnings_ = batch_report(
-            batch, stats.tolist(), counts["sdpo_num_tokens"] > 0, self.sdpo_config, n_global
-        )
+        has_signal = counts["sdpo_num_tokens"] > 0
+        metrics, messages = batch_report(batch, stats.tolist(), has_signal, self.sdpo_config, n_global)
         for key, value in metrics.items():
             self._metrics["train" if self.model.training else "eval"][key].append(value)
-        for key, message in warnings_.items():
-            self._warn_once(key, message)
-
-    def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
+        for key in messages.keys() - self._warned:  # each kind of warning once per run
             self._warned.add(key)
-            warnings.warn(message, stacklevel=3)
+            warnings.warn(messages[key], stacklevel=2)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not self.sdpo_config.enabled:

@@ -95,7 +95,7 @@ def summarise(task: str) -> dict:
         rows[key]["vs_grpo"] = paired_difference(arm_runs, grpo_runs)
         target = rows[grpo]["curve"][-1][1]
         rows[key]["generations_to_grpo_final"] = generations_to(rows[key]["curve"], target)
-    for (arm, steps), key in best.items():
+    for (arm, _steps), key in best.items():
         if arm == "grpo":
             rows[key]["generations_to_grpo_final"] = generations_to(rows[key]["curve"], rows[key]["curve"][-1][1])
     return {"task": task, "rows": rows}

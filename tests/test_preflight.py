@@ -303,3 +303,34 @@ def test_cli_on_a_saved_tiny_model_and_a_jsonl_file(tmp_path):
     assert data["settings"]["reward_funcs"] == ["reward"]
     bad = subprocess.run([*cmd[:7], "rewards_without_colon"], capture_output=True, text=True, cwd=ROOT, env=env)
     assert bad.returncode != 0 and "module:function" in bad.stderr
+
+
+# ---------------------------------------------------------------------------------------------- the real model
+
+
+@pytest.mark.slow
+@pytest.mark.real_model
+def test_fruit_task_on_smollm2_flags_the_misleading_feedback():
+    """The first real-model experiment's task check, reproduced by the pre-flight check (about 15 min on 1 core).
+
+    That check measured: alone 12.5%, with the bare answer as a demonstration 64%, with the feedback 9.4%. The
+    pre-flight check samples whole sibling completions as demonstrations instead of the bare answer.
+    """
+    from test_real_model import real_model_and_tokenizer
+
+    sys.path.insert(0, str(ROOT / "experiments" / "real_model"))
+    import tasks
+
+    model_, tok = real_model_and_tokenizer()
+    tok.padding_side = "left"
+    rows = tasks.TASKS["fruit"].questions(256, 0)
+    report = preflight(
+        model_, tok, rows, tasks.fruit_reward, sdpo_config=SDPOConfig(success_reward_threshold=1.0),
+        num_prompts=40, num_generations=8, temperature=0.3, max_completion_length=8, progress=False,
+    )  # fmt: skip
+    student, demo, fb = report.student, report.contexts["demonstration"], report.contexts["feedback"]
+    assert 0.05 <= student.success_rate.value <= 0.25
+    assert fb.success_gap.value < 0  # the teacher copies the rejected word the feedback names first
+    assert demo.success_gap.low > 0.2  # a successful sibling lifts the teacher far above the student
+    codes = {r.code for r in report.recommendations}
+    assert codes & {"feedback_hurts", "feedback_no_better"} and "demonstration_helps" in codes

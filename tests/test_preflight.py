@@ -103,6 +103,7 @@ def test_recommendations_name_the_failure_and_the_fix():
         "include_environment_feedback=False" in recs["feedback_hurts"] and "+40.0 points" in recs["demonstration_helps"]
     )
     assert "feedback_no_better" in _codes(_report(demo_gap=helps, fb_gap=Estimate(-0.03, -0.1, 0.04, 20)))
+    assert "feedback_unclear" in _codes(_report(demo_gap=helps, fb_gap=Estimate(0.06, -0.04, 0.15, 20)))
     assert _codes(_report(groups=0.0, feedback=0.0)) == {"no_signal"}
     assert "no_demonstrations" in _codes(_report(groups=0.0, feedback=0.5, fb_gap=helps))
     assert {"low_coverage", "demonstration_helps"} <= _codes(_report(groups=0.1, demo_gap=helps))
@@ -313,8 +314,12 @@ def test_cli_on_a_saved_tiny_model_and_a_jsonl_file(tmp_path):
 def test_fruit_task_on_smollm2_flags_the_misleading_feedback():
     """The first real-model experiment's task check, reproduced by the pre-flight check (about 15 min on 1 core).
 
-    That check measured: alone 12.5%, with the bare answer as a demonstration 64%, with the feedback 9.4%. The
-    pre-flight check samples whole sibling completions as demonstrations instead of the bare answer.
+    That check measured: alone 12.5%, with the bare answer as a demonstration 64%, with the feedback 9.4%; it
+    wrote the feedback for a random listed wrong word. The pre-flight check uses the real rollouts: whole
+    sibling completions as demonstrations, and the feedback on each failure as it happened; most failures name
+    no listed word, so their feedback does not lead with a wrong one. Measured with these settings (the CLI
+    gives the same numbers): alone 10.3%, demonstration 91.7% (+62 points), feedback 15.5% (+5, interval
+    across 0), both 40.8%.
     """
     from test_real_model import real_model_and_tokenizer
 
@@ -330,7 +335,7 @@ def test_fruit_task_on_smollm2_flags_the_misleading_feedback():
     )  # fmt: skip
     student, demo, fb = report.student, report.contexts["demonstration"], report.contexts["feedback"]
     assert 0.05 <= student.success_rate.value <= 0.25
-    assert fb.success_gap.value < 0  # the teacher copies the rejected word the feedback names first
     assert demo.success_gap.low > 0.2  # a successful sibling lifts the teacher far above the student
+    assert fb.success_gap.low < 0 and fb.success_rate.high < demo.success_rate.low  # feedback: no clear help
     codes = {r.code for r in report.recommendations}
-    assert codes & {"feedback_hurts", "feedback_no_better"} and "demonstration_helps" in codes
+    assert "demonstration_helps" in codes and "feedback_helps" not in codes

@@ -251,6 +251,14 @@ def recommend(report: PreflightReport) -> list[Recommendation]:
             out.append(
                 Recommendation("feedback_helps", f"Feedback raises the teacher's success by {_pts(fb.success_gap)}.")
             )
+        elif v == "unclear":
+            out.append(
+                Recommendation(
+                    "feedback_unclear",
+                    f"Feedback's effect on the teacher is uncertain ({_pts(fb.success_gap)}): measure more prompts "
+                    "before relying on it.",
+                )
+            )
     if demo is not None and cov["success_group_fraction"] > 0:
         v = verdict(demo.success_gap)
         if v == "helps":

@@ -25,10 +25,11 @@ def load_runs(task: str) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((RESULTS / task / "runs").glob("*.json"))]
 
 
-def by_arm(runs: list[dict]) -> dict[tuple[str, float, int], list[dict]]:
-    groups: dict[tuple[str, float, int], list[dict]] = defaultdict(list)
+def by_arm(runs: list[dict]) -> dict[tuple[str, float, int, float], list[dict]]:
+    """Runs grouped by (arm, lr, steps, sampling temperature), in seed order."""
+    groups: dict[tuple[str, float, int, float], list[dict]] = defaultdict(list)
     for r in runs:
-        groups[(r["arm"], r["lr"], r["steps"])].append(r)
+        groups[(r["arm"], r["lr"], r["steps"], r.get("temperature", 1.0))].append(r)
     for v in groups.values():
         v.sort(key=lambda r: r["seed"])
     return groups
@@ -71,31 +72,31 @@ def generations_to(curve: list[tuple[int, float, float, float]], target: float) 
 def summarise(task: str) -> dict:
     groups = by_arm(load_runs(task))
     rows = {}
-    for (arm, lr, steps), runs in groups.items():
+    for (arm, lr, steps, temp), runs in groups.items():
         finals = [r["eval"][-1]["accuracy"] for r in runs]
-        rows[f"{arm}|{lr:g}|{steps}"] = {
-            "arm": arm, "lr": lr, "steps": steps, "seeds": [r["seed"] for r in runs],
+        rows[f"{arm}|{lr:g}|{steps}|{temp:g}"] = {
+            "arm": arm, "lr": lr, "steps": steps, "temperature": temp, "seeds": [r["seed"] for r in runs],
             "final_accuracy": finals, "final_mean": float(np.mean(finals)),
             "final_sd": float(np.std(finals, ddof=1)) if len(finals) > 1 else None,
             "start_accuracy": runs[0]["eval"][0]["accuracy"], "curve": mean_curve(runs),
             "seconds": [r["seconds"] for r in runs],
         }  # fmt: skip
-    best: dict[tuple[str, int], str] = {}
+    best: dict[tuple[str, int, float], str] = {}
     for key, row in rows.items():
-        slot = (row["arm"], row["steps"])
+        slot = (row["arm"], row["steps"], row["temperature"])
         if slot not in best or row["final_mean"] > rows[best[slot]]["final_mean"]:
             best[slot] = key
-    for (arm, steps), key in best.items():
+    for (arm, steps, temp), key in best.items():
         rows[key]["best_lr"] = True
-        grpo = best.get(("grpo", steps))
+        grpo = best.get(("grpo", steps, temp))
         if grpo is None or arm == "grpo":
             continue
-        arm_runs = groups[(arm, rows[key]["lr"], steps)]
-        grpo_runs = groups[("grpo", rows[grpo]["lr"], steps)]
+        arm_runs = groups[(arm, rows[key]["lr"], steps, temp)]
+        grpo_runs = groups[("grpo", rows[grpo]["lr"], steps, temp)]
         rows[key]["vs_grpo"] = paired_difference(arm_runs, grpo_runs)
         target = rows[grpo]["curve"][-1][1]
         rows[key]["generations_to_grpo_final"] = generations_to(rows[key]["curve"], target)
-    for (arm, _steps), key in best.items():
+    for (arm, _steps, _temp), key in best.items():
         if arm == "grpo":
             rows[key]["generations_to_grpo_final"] = generations_to(rows[key]["curve"], rows[key]["curve"][-1][1])
     return {"task": task, "rows": rows}
@@ -109,15 +110,16 @@ def table(summary: dict) -> list[str]:
     lines = [
         f"### {summary['task']}",
         "",
-        "| arm | lr | steps | seeds | held-out start → final (mean ± sd over seeds) | per seed | generations to GRPO's final "
+        "| arm | lr | steps | temperature | seeds | held-out start → final (mean ± sd over seeds) | per seed | generations to GRPO's final "
         "| final − GRPO, paired [95% CI] |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for row in sorted(summary["rows"].values(), key=lambda r: (r["steps"], r["arm"], r["lr"])):
+    for row in sorted(summary["rows"].values(), key=lambda r: (r["temperature"], r["steps"], r["arm"], r["lr"])):
         vs = row.get("vs_grpo")
         ci = "" if not vs or vs["value"] is None else f"{vs['value']:+.3f} [{vs['low']:+.3f}, {vs['high']:+.3f}]"
         lines.append(
             f"| {row['arm']}{' (best lr)' if row.get('best_lr') else ''} | {row['lr']:g} | {row['steps']} | "
+            f"{row['temperature']:g} | "
             f"{len(row['seeds'])} | {row['start_accuracy']:.3f} → {row['final_mean']:.3f} ± {_shown(row['final_sd'])} | "
             f"{', '.join(f'{a:.3f}' for a in row['final_accuracy'])} | "
             f"{_shown(row.get('generations_to_grpo_final'), '{}') if row.get('best_lr') else ''} | {ci} |"
@@ -136,7 +138,8 @@ def plot_curves(summary: dict, path: Path) -> None:
         if not row.get("best_lr"):
             continue
         g, m, lo, hi = zip(*row["curve"])
-        label = f"{row['arm']} (lr {row['lr']:g}, {len(row['seeds'])} seed{'s' * (len(row['seeds']) > 1)})"
+        seeds = len(row["seeds"])
+        label = f"{row['arm']} (lr {row['lr']:g}, T {row['temperature']:g}, {seeds} seed{'s' * (seeds > 1)})"
         (line,) = ax.plot(g, m, marker="o", label=label)
         ax.fill_between(g, lo, hi, color=line.get_color(), alpha=0.15)
     ax.set_xlabel("generations")
@@ -152,16 +155,19 @@ def gap_vs_gain(tasks: list[str]) -> list[dict]:
     """Per task and context: the pre-flight success gap at step 0 and the matching arm's final gain over GRPO."""
     points = []
     for task in tasks:
-        pre = RESULTS / "preflight" / f"{task}_t1.json"
         summary_path = RESULTS / task / "summary.json"
-        if not pre.exists() or not summary_path.exists():
+        if not summary_path.exists():
             continue
-        report, summary = json.loads(pre.read_text()), json.loads(summary_path.read_text())
+        summary = json.loads(summary_path.read_text())
         for context, arm in CONTEXT_ARM.items():
-            gap = report["contexts"][context]["success_gap"]["value"]
             rows = [r for r in summary["rows"].values() if r["arm"] == arm and r.get("best_lr") and r.get("vs_grpo")]
             for r in rows:
-                points.append({"task": task, "context": context, "arm": arm, "steps": r["steps"], "gap": gap,
+                pre = RESULTS / "preflight" / f"{task}_t{r['temperature']:g}.json"  # measured where it trained
+                if not pre.exists():
+                    continue
+                gap = json.loads(pre.read_text())["contexts"][context]["success_gap"]["value"]
+                points.append({"task": task, "context": context, "arm": arm, "steps": r["steps"],
+                               "temperature": r["temperature"], "gap": gap,
                                "gain": r["vs_grpo"]["value"], "gain_low": r["vs_grpo"]["low"],
                                "gain_high": r["vs_grpo"]["high"], "seeds": r["vs_grpo"]["seeds"]})  # fmt: skip
     return points

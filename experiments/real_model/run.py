@@ -149,7 +149,8 @@ def train_one(model, tokenizer, task: Task, arm: Arm, *, lr: float, seed: int, a
         grpo = dict(
             output_dir=scratch, max_steps=args.steps, seed=seed, data_seed=seed, use_cpu=True, bf16=False,
             learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0, per_device_train_batch_size=per_step,
-            num_generations=GENERATIONS, max_completion_length=task.max_completion_length, temperature=1.0,
+            num_generations=GENERATIONS, max_completion_length=task.max_completion_length,
+            temperature=args.temperature,
             top_k=0, logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True,
             gradient_checkpointing=False, ref_model_mixup_alpha=0.05, ref_model_sync_steps=1,
         )  # fmt: skip
@@ -174,13 +175,14 @@ def train_one(model, tokenizer, task: Task, arm: Arm, *, lr: float, seed: int, a
     return {
         "task": task.name, "arm": arm.name, "lr": lr, "seed": seed, "steps": args.steps,
         "generations_per_step": per_step, "questions": args.questions, "held_out_questions": len(held_out),
-        "task_seed": args.task_seed, "eval": held.curve, "train_reward": rewards, "seconds": round(seconds, 1),
+        "task_seed": args.task_seed, "temperature": args.temperature, "eval": held.curve, "train_reward": rewards, "seconds": round(seconds, 1),
         "torch_threads": torch.get_num_threads(), "arm_config": arm.__dict__,
     }  # fmt: skip
 
 
-def run_path(task: str, arm: str, lr: float, seed: int, steps: int) -> Path:
-    return RESULTS / task / "runs" / f"{arm}_lr{lr:g}_s{seed}_n{steps}.json"
+def run_path(task: str, arm: str, lr: float, seed: int, steps: int, temperature: float) -> Path:
+    suffix = "" if temperature == 1.0 else f"_t{temperature:g}"
+    return RESULTS / task / "runs" / f"{arm}_lr{lr:g}_s{seed}_n{steps}{suffix}.json"
 
 
 def cmd_train(args) -> None:
@@ -192,7 +194,7 @@ def cmd_train(args) -> None:
     for seed in [int(s) for s in args.seeds.split(",")]:
         for lr in [float(x) for x in args.lrs.split(",")]:
             for arm in arms:
-                path = run_path(task.name, arm.name, lr, seed, args.steps)
+                path = run_path(task.name, arm.name, lr, seed, args.steps, args.temperature)
                 if path.exists():
                     print(f"{path.name}: done already, skipped", flush=True)
                     continue
@@ -235,7 +237,7 @@ def main() -> None:
     parser.add_argument("--task-seed", type=int, default=0, help="Seed of the questions (the same for every arm).")
     parser.add_argument("--num-prompts", type=int, default=32, help="preflight: prompts.")
     parser.add_argument("--num-generations", type=int, default=8, help="preflight: rollouts per prompt.")
-    parser.add_argument("--temperature", type=float, default=1.0, help="preflight: sampling temperature.")
+    parser.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature (rollouts, preflight).")
     parser.add_argument("--seed", type=int, default=0, help="preflight: seed.")
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 per process on a shared CPU).")

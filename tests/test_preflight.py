@@ -91,6 +91,7 @@ def test_verdicts_follow_the_interval():
     assert verdict(Estimate(-0.3, -0.5, -0.1, 9)) == "hurts"
     assert verdict(Estimate(-0.03, -0.1, 0.05, 9)) == "no_better"
     assert verdict(Estimate(0.1, -0.02, 0.2, 9)) == "unclear"
+    assert verdict(Estimate(-0.2, -0.6, 0.2, 4)) == "too_few"  # 4 prompts: no verdict
     assert verdict(None) == verdict(Estimate(math.nan, math.nan, math.nan, 0)) == "absent"
 
 
@@ -109,6 +110,7 @@ def test_recommendations_name_the_failure_and_the_fix():
     assert {"low_coverage", "demonstration_helps"} <= _codes(_report(groups=0.1, demo_gap=helps))
     assert "demonstration_no_better" in _codes(_report(demo_gap=Estimate(0.0, -0.1, 0.1, 20)))
     assert "ceiling" in _codes(_report(student=0.95, demo_gap=helps))
+    assert "demonstration_too_few" in _codes(_report(demo_gap=Estimate(-0.2, -0.6, 0.2, 4)))
     assert "thinking_model" in _codes(_report(demo_gap=helps, thinking=True))
 
 

@@ -15,6 +15,7 @@ from .stats import Estimate, bootstrap_mean
 MIN_GAIN = 0.05
 LOW_COVERAGE = 0.25  # below this success-group fraction, most groups never see a demonstration
 CEILING = 0.9  # the student's success rate above which there is little left to learn
+MIN_PROMPTS = 8  # fewer prompts with a context than this: too few to judge its gap
 LABELS = {"student": "student alone", "demonstration": "+ demonstration", "feedback": "+ feedback", "both": "+ both"}
 
 
@@ -194,9 +195,11 @@ class PreflightReport:
 
 
 def verdict(gap: Estimate | None) -> str:
-    """`helps`, `hurts`, `no_better` (point gap below MIN_GAIN, interval spans 0), `unclear` or `absent`."""
+    """`helps`, `hurts`, `no_better` (point gap below MIN_GAIN, interval spans 0), `unclear`, `too_few` or `absent`."""
     if gap is None or gap.n == 0:
         return "absent"
+    if gap.n < MIN_PROMPTS:
+        return "too_few"
     if gap.low > 0:
         return "helps"
     if gap.high < 0:
@@ -206,6 +209,14 @@ def verdict(gap: Estimate | None) -> str:
 
 def _pts(e: Estimate) -> str:
     return f"{100 * e.value:+.1f} points [{100 * e.low:+.1f}, {100 * e.high:+.1f}]"
+
+
+def _too_few(context: str, gap: Estimate) -> Recommendation:
+    return Recommendation(
+        f"{context}_too_few",
+        f"Only {gap.n} prompts have a {context} context ({_pts(gap)}): too few to judge. Raise num_prompts or "
+        "num_generations.",
+    )
 
 
 def recommend(report: PreflightReport) -> list[Recommendation]:
@@ -251,6 +262,8 @@ def recommend(report: PreflightReport) -> list[Recommendation]:
             out.append(
                 Recommendation("feedback_helps", f"Feedback raises the teacher's success by {_pts(fb.success_gap)}.")
             )
+        elif v == "too_few":
+            out.append(_too_few("feedback", fb.success_gap))
         elif v == "unclear":
             out.append(
                 Recommendation(
@@ -277,6 +290,8 @@ def recommend(report: PreflightReport) -> list[Recommendation]:
                     "does not learn from it in context, so SDPO is unlikely to beat GRPO. Use grpo_weight or GRPO.",
                 )
             )
+        elif v == "too_few":
+            out.append(_too_few("demonstration", demo.success_gap))
         if cov["success_group_fraction"] < LOW_COVERAGE:
             out.append(
                 Recommendation(

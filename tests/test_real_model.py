@@ -382,8 +382,9 @@ def _real_example():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    # The first real-model experiment, kept as history; it still imports the examples' shared helpers.
+    # The first real-model experiment, kept as history; it still imports the examples' shared helpers and the toy.
     sys.path.insert(0, str(root / "examples"))
+    sys.path.insert(0, str(root / "experiments" / "toy"))
     sys.path.insert(0, str(root / "experiments" / "real_model" / "history" / "fruit_task"))
     import sdpo_vs_grpo_real
 

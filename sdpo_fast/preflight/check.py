@@ -33,12 +33,13 @@ def teacher_prompt_ids(
     feedback: list[str | None],
     config: SDPOConfig,
     codec: PromptCodec,
+    seed: int,
 ) -> tuple[list[list[int] | None], dict[str, float]]:
     """Each sample's teacher prompt ids as training tokenises them (None: no teacher), and the coverage metrics.
 
     The only place that touches the reprompting module, so that a rename there is a one-function change.
     """
-    contexts = build_teacher_contexts(prompts, keys, scores, texts, feedback, config)
+    contexts = build_teacher_contexts(prompts, keys, scores, texts, feedback, config, seed=seed)
     ids: list[list[int] | None] = []
     for reprompt in contexts.reprompts:
         if not reprompt.active:
@@ -170,7 +171,9 @@ def preflight(
             scores, feedback = scored(list(range(len(owner))), ids, texts)
             for name in CONTEXTS:
                 cfg, visible = context_inputs(name, config, scores)
-                prompt_ids, coverage[name] = teacher_prompt_ids(prompts, keys, visible, texts, feedback, cfg, codec)
+                prompt_ids, coverage[name] = teacher_prompt_ids(
+                    prompts, keys, visible, texts, feedback, cfg, codec, seed
+                )
                 active = [i for i, p in enumerate(prompt_ids) if p is not None]
                 todo = [i for i in active if (i, tuple(prompt_ids[i])) not in answers]
                 bar.set_description(f"pre-flight: teacher ({name})")

@@ -21,11 +21,13 @@ __all__ = [
     "SDPOTrainer",
     "__version__",
     "compute_self_distillation_loss",
+    "preflight",
     "sdpo_head",
     "test_time_self_distill",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from . import preflight
     from .test_time import test_time_self_distill
     from .trainer import SDPOTrainer
 
@@ -35,6 +37,10 @@ def __getattr__(name: str):
         from .trainer import SDPOTrainer
 
         return SDPOTrainer
+    if name == "preflight":  # the subpackage, itself callable as the function (see sdpo_fast/preflight)
+        import importlib
+
+        return importlib.import_module(".preflight", __name__)
     if name == "test_time_self_distill":
         from .test_time import test_time_self_distill
 

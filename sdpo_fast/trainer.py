@@ -26,6 +26,7 @@ from .forward import add_sdpo_forward, check_head_compatible, logit_scale
 from .head import resolve_backend
 from .objective import build_objective
 from .objective.base import GRPOSettings, HeadSettings, Runtime
+from .preflight import SelfTeacherEvalCallback, preflight_from_trainer
 from .reprompting import PromptCodec
 from .rewards import FeedbackStore, wrap_reward_function
 from .step_guard import NonFiniteStepGuard
@@ -46,6 +47,7 @@ class _SDPOTrainerMixin:
 
     _tag_names: ClassVar[list[str]] = ["trl", "grpo", "sdpo", "sdpo-fast"]
     _name = "SDPO"
+    preflight = preflight_from_trainer  # `trainer.preflight()`: the self-teacher check with this run's settings
 
     def __init__(self, *args, sdpo_config: SDPOConfig | None = None, **kwargs):
         # Every argument means what it means to the GRPOTrainer underneath (TRL's or Unsloth's): bind, don't restate.
@@ -65,10 +67,8 @@ class _SDPOTrainerMixin:
             checks.check_zero3_peft(given["args"], peft)
             checks.check_dataset(given.get("train_dataset"), given.get("processing_class"))
         super().__init__(*bound.args, **bound.kwargs)
-        self._feedback = FeedbackStore()
-        self._rollouts: ScoredRollouts | None = None
-        self._warned: set[str] = set()
-        self._backend_logged = False
+        self._rollouts: ScoredRollouts | None = None  # the generation batch's, for the teacher batch
+        self._feedback, self._warned, self._backend_logged = FeedbackStore(), set(), False
         if sdpo.enabled:
             self._setup_sdpo()
 
@@ -120,6 +120,8 @@ class _SDPOTrainerMixin:
         if self.teacher_callback is not None:
             self.ema_callback = self.teacher_callback  # the name before teacher_refresh existed
             self.add_callback(self.teacher_callback)
+        if self.sdpo_config.self_teacher_eval_steps:
+            self.add_callback(SelfTeacherEvalCallback(self.sdpo_config.self_teacher_eval_steps, trainer=self))
 
     def _drop_student_gradients(self) -> None:
         for p in self.model.parameters():

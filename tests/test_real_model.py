@@ -381,7 +381,11 @@ def _real_example():
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    root = Path(__file__).resolve().parents[1]
+    # The first real-model experiment, kept as history; it still imports the examples' shared helpers and the toy.
+    sys.path.insert(0, str(root / "examples"))
+    sys.path.insert(0, str(root / "experiments" / "toy"))
+    sys.path.insert(0, str(root / "experiments" / "real_model" / "history" / "fruit_task"))
     import sdpo_vs_grpo_real
 
     return sdpo_vs_grpo_real

@@ -317,3 +317,48 @@ def test_a_differently_named_adapter_is_recognised_as_peft(tmp_path):
     check_checkpoint_matches(str(ckpt), peft=True, kind="lora-snapshot")
     (ckpt / MANIFEST_FILE).unlink()
     check_checkpoint_matches(str(ckpt), peft=True, kind="lora-snapshot")  # without a manifest: one level down
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        OSError(28, "No space left on device"),
+        RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0"),
+    ],
+)
+def test_a_full_disk_is_named_as_such_and_loses_nothing(tmp_path, monkeypatch, failure):
+    import errno
+
+    import sdpo_fast.teacher.checkpoint as checkpoint
+
+    earlier = tmp_path / "checkpoint-1"
+    save_teacher(str(earlier), "full-copy", {"w": torch.ones(3)}, peft=False)
+    before = (earlier / TEACHER_FILE).read_bytes()
+
+    def full_disk(obj, path, *a, **k):
+        with open(path, "wb") as f:
+            f.write(b"PK\x03\x04 partial")
+        raise failure
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    target = tmp_path / "checkpoint-2"
+    with pytest.raises(checkpoint.TeacherSaveError, match="disk is full") as caught:
+        save_teacher(str(target), "full-copy", {"w": torch.zeros(3)}, peft=False)
+    message = str(caught.value)
+    assert str(target / TEACHER_FILE) in message and "earlier checkpoint is intact" in message
+    assert caught.value.errno == errno.ENOSPC
+    assert not any(p.name.startswith(TEACHER_FILE + ".tmp") for p in target.iterdir())  # no half file left behind
+    assert not (target / TEACHER_FILE).exists() and (earlier / TEACHER_FILE).read_bytes() == before
+    monkeypatch.undo()
+    assert torch.equal(load_teacher(str(earlier))["state"]["w"], torch.ones(3))  # the earlier one still loads
+
+
+def test_other_write_errors_are_not_called_a_full_disk(tmp_path, monkeypatch):
+    import sdpo_fast.teacher.checkpoint as checkpoint
+
+    def denied(obj, path, *a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(checkpoint.torch, "save", denied)
+    with pytest.raises(PermissionError):
+        save_teacher(str(tmp_path / "c"), "full-copy", {"w": torch.ones(1)}, peft=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import random
 import subprocess
 import sys
@@ -313,6 +314,12 @@ def test_cli_on_a_saved_tiny_model_and_a_jsonl_file(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.real_model
+@pytest.mark.skipif(
+    os.environ.get("SDPO_FAST_EXPERIMENTS") != "1",
+    reason="an experiment's reproduction (about 15 min on 1 core), opt-in: SDPO_FAST_EXPERIMENTS=1 pytest -m real_model; "
+    "the pre-flight itself is tested on tiny models above and its committed fruit-task table is in "
+    "experiments/real_model/results/preflight/",
+)
 def test_fruit_task_on_smollm2_flags_the_misleading_feedback():
     """The first real-model experiment's task check, reproduced by the pre-flight check (about 15 min on 1 core).
 

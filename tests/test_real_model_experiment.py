@@ -66,8 +66,8 @@ def test_arms_build_or_say_what_is_missing():
 def _run(arm, seed, correct, lr=1e-4):
     acc = float(np.mean(correct))
     return {"arm": arm, "lr": lr, "seed": seed, "steps": 4, "seconds": 1.0,
-            "eval": [{"generations": 0, "accuracy": 0.1, "correct": [0] * len(correct)},
-                     {"generations": 64, "accuracy": acc, "correct": list(correct)}]}  # fmt: skip
+            "eval": [{"generations": 0, "accuracy": 0.1, "mean_score": 0.1, "correct": [0] * len(correct)},
+                     {"generations": 64, "accuracy": acc, "mean_score": acc, "correct": list(correct)}]}  # fmt: skip
 
 
 def test_paired_difference_is_the_mean_over_seeds_of_per_question_differences():

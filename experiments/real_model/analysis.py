@@ -18,11 +18,12 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
+RUNS = "per_run"  # one file per (arm, lr, seed, steps, temperature); not `runs/`, which .gitignore drops
 CONTEXT_ARM = {"demonstration": "sdpo_demos", "both": "sdpo"}  # which arm distils which pre-flight context
 
 
 def load_runs(task: str) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((RESULTS / task / "runs").glob("*.json"))]
+    return [json.loads(p.read_text()) for p in sorted((RESULTS / task / RUNS).glob("*.json"))]
 
 
 def by_arm(runs: list[dict]) -> dict[tuple[str, float, int, float], list[dict]]:
@@ -214,7 +215,7 @@ def write_report(task: str) -> None:
     (out / "table.md").write_text("\n".join(table(summary)) + "\n")
     plot_curves(summary, out / "accuracy_vs_generations.png")
     print("\n".join(table(summary)))
-    tasks = sorted(p.name for p in RESULTS.iterdir() if (p / "runs").is_dir())
+    tasks = sorted(p.name for p in RESULTS.iterdir() if (p / RUNS).is_dir())
     points = gap_vs_gain(tasks)
     (RESULTS / "gap_vs_gain.json").write_text(json.dumps(points, indent=1) + "\n")
     if points:

@@ -31,8 +31,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from arms import ARMS, Arm, sdpo_config  # noqa: E402
 from analysis import RUNS  # noqa: E402
+from arms import ARMS, Arm, sdpo_config  # noqa: E402
 from tasks import TASKS, Task  # noqa: E402
 
 RESULTS = HERE / "results"

@@ -66,8 +66,8 @@ def test_arms_build_or_say_what_is_missing():
 def _run(arm, seed, correct, lr=1e-4):
     acc = float(np.mean(correct))
     return {"arm": arm, "lr": lr, "seed": seed, "steps": 4, "seconds": 1.0,
-            "eval": [{"generations": 0, "accuracy": 0.1, "correct": [0] * len(correct)},
-                     {"generations": 64, "accuracy": acc, "correct": list(correct)}]}  # fmt: skip
+            "eval": [{"generations": 0, "accuracy": 0.1, "mean_score": 0.1, "correct": [0] * len(correct)},
+                     {"generations": 64, "accuracy": acc, "mean_score": acc, "correct": list(correct)}]}  # fmt: skip
 
 
 def test_paired_difference_is_the_mean_over_seeds_of_per_question_differences():
@@ -86,9 +86,9 @@ def test_paired_difference_is_the_mean_over_seeds_of_per_question_differences():
 def test_summary_picks_the_best_lr_and_times_grpos_final(tmp_path, monkeypatch):
     monkeypatch.setattr(analysis, "RESULTS", tmp_path)
     runs = [_run("grpo", 0, [1, 0, 0, 0]), _run("grpo", 0, [1, 1, 0, 0], lr=3e-4), _run("sdpo", 0, [1, 1, 1, 0])]
-    (tmp_path / "t" / "runs").mkdir(parents=True)
+    (tmp_path / "t" / analysis.RUNS).mkdir(parents=True)
     for i, r in enumerate(runs):
-        (tmp_path / "t" / "runs" / f"{i}.json").write_text(__import__("json").dumps(r))
+        (tmp_path / "t" / analysis.RUNS / f"{i}.json").write_text(__import__("json").dumps(r))
     rows = analysis.summarise("t")["rows"]
     best = {r["arm"]: r for r in rows.values() if r.get("best_lr")}
     assert best["grpo"]["lr"] == 3e-4 and best["sdpo"]["generations_to_grpo_final"] == 64

@@ -18,11 +18,12 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
+RUNS = "per_run"  # one file per (arm, lr, seed, steps, temperature); not `runs/`, which .gitignore drops
 CONTEXT_ARM = {"demonstration": "sdpo_demos", "both": "sdpo"}  # which arm distils which pre-flight context
 
 
 def load_runs(task: str) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((RESULTS / task / "runs").glob("*.json"))]
+    return [json.loads(p.read_text()) for p in sorted((RESULTS / task / RUNS).glob("*.json"))]
 
 
 def by_arm(runs: list[dict]) -> dict[tuple[str, float, int, float], list[dict]]:
@@ -79,6 +80,8 @@ def summarise(task: str) -> dict:
             "final_accuracy": finals, "final_mean": float(np.mean(finals)),
             "final_sd": float(np.std(finals, ddof=1)) if len(finals) > 1 else None,
             "start_accuracy": runs[0]["eval"][0]["accuracy"], "curve": mean_curve(runs),
+            "final_mean_score": float(np.mean([r["eval"][-1]["mean_score"] for r in runs])),
+            "start_mean_score": runs[0]["eval"][0]["mean_score"],
             "seconds": [r["seconds"] for r in runs],
         }  # fmt: skip
     best: dict[tuple[str, int, float], str] = {}
@@ -88,6 +91,9 @@ def summarise(task: str) -> dict:
             best[slot] = key
     for (arm, steps, temp), key in best.items():
         rows[key]["best_lr"] = True
+        rows[key]["lrs_tried"] = sum(
+            (r["arm"], r["steps"], r["temperature"]) == (arm, steps, temp) for r in rows.values()
+        )
         grpo = best.get(("grpo", steps, temp))
         if grpo is None or arm == "grpo":
             continue
@@ -106,22 +112,28 @@ def _shown(x, fmt="{:.3f}") -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else fmt.format(x)
 
 
+def best_mark(row: dict) -> str:
+    tried = row.get("lrs_tried", 1)
+    return f" (best of {tried} lrs)" if row.get("best_lr") and tried > 1 else ""
+
+
 def table(summary: dict) -> list[str]:
     lines = [
         f"### {summary['task']}",
         "",
-        "| arm | lr | steps | temperature | seeds | held-out start → final (mean ± sd over seeds) | per seed | generations to GRPO's final "
-        "| final − GRPO, paired [95% CI] |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| arm | lr | steps | temperature | seeds | held-out accuracy start → final (mean ± sd over seeds) | per seed "
+        "| mean score start → final | generations to GRPO's final | final − GRPO, paired [95% CI] |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in sorted(summary["rows"].values(), key=lambda r: (r["temperature"], r["steps"], r["arm"], r["lr"])):
         vs = row.get("vs_grpo")
         ci = "" if not vs or vs["value"] is None else f"{vs['value']:+.3f} [{vs['low']:+.3f}, {vs['high']:+.3f}]"
         lines.append(
-            f"| {row['arm']}{' (best lr)' if row.get('best_lr') else ''} | {row['lr']:g} | {row['steps']} | "
+            f"| {row['arm']}{best_mark(row)} | {row['lr']:g} | {row['steps']} | "
             f"{row['temperature']:g} | "
             f"{len(row['seeds'])} | {row['start_accuracy']:.3f} → {row['final_mean']:.3f} ± {_shown(row['final_sd'])} | "
             f"{', '.join(f'{a:.3f}' for a in row['final_accuracy'])} | "
+            f"{row['start_mean_score']:.3f} → {row['final_mean_score']:.3f} | "
             f"{_shown(row.get('generations_to_grpo_final'), '{}') if row.get('best_lr') else ''} | {ci} |"
         )
     return lines
@@ -203,7 +215,7 @@ def write_report(task: str) -> None:
     (out / "table.md").write_text("\n".join(table(summary)) + "\n")
     plot_curves(summary, out / "accuracy_vs_generations.png")
     print("\n".join(table(summary)))
-    tasks = sorted(p.name for p in RESULTS.iterdir() if (p / "runs").is_dir())
+    tasks = sorted(p.name for p in RESULTS.iterdir() if (p / RUNS).is_dir())
     points = gap_vs_gain(tasks)
     (RESULTS / "gap_vs_gain.json").write_text(json.dumps(points, indent=1) + "\n")
     if points:

@@ -7,7 +7,7 @@
 Arms are in `arms.py`, tasks in `tasks.py`. Every arm of a seed shares the training questions and their order,
 the LoRA initialisation and the generation budget. Held-out accuracy is greedy, on questions disjoint from
 training, and runs in a forked random state, so evaluating never shifts training's random stream. Each
-finished run writes `results/<task>/runs/<arm>_lr<lr>_s<seed>_n<steps>.json`; a run whose file exists is
+finished run writes `results/<task>/per_run/<arm>_lr<lr>_s<seed>_n<steps>.json`; a run whose file exists is
 skipped, so an interrupted sweep resumes where it stopped. The step-0 evaluation is the base model's (a LoRA
 starts as a no-op) and is computed once per task (`results/<task>/base_eval.json`).
 """
@@ -31,6 +31,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from analysis import RUNS  # noqa: E402
 from arms import ARMS, Arm, sdpo_config  # noqa: E402
 from tasks import TASKS, Task  # noqa: E402
 
@@ -182,7 +183,7 @@ def train_one(model, tokenizer, task: Task, arm: Arm, *, lr: float, seed: int, a
 
 def run_path(task: str, arm: str, lr: float, seed: int, steps: int, temperature: float) -> Path:
     suffix = "" if temperature == 1.0 else f"_t{temperature:g}"
-    return RESULTS / task / "runs" / f"{arm}_lr{lr:g}_s{seed}_n{steps}{suffix}.json"
+    return RESULTS / task / RUNS / f"{arm}_lr{lr:g}_s{seed}_n{steps}{suffix}.json"
 
 
 def cmd_train(args) -> None:

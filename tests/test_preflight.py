@@ -192,6 +192,21 @@ def test_teacher_prompts_are_trainings_and_drive_the_recommendation(monkeypatch)
     assert all(t.rstrip().endswith("assistant") for t in seen)  # add_generation_prompt=True
 
 
+def test_groups_are_dataset_rows_as_in_training(monkeypatch):
+    """Two rows with the same prompt are two groups (GRPO's, and the trainer's): a success in one never becomes the
+    other's demonstration. The student succeeds only in the first row's group."""
+    seen: list[str] = []
+    monkeypatch.setattr(sampling, "generate", _fake_generate(seen))
+    rows = chat_dataset(1).to_list() * 2  # the same prompt twice
+    from datasets import Dataset
+
+    report = preflight(model(), _tok(), Dataset.from_list(rows), yes_reward, num_prompts=2, num_generations=4, **TINY)
+    student, demo = report.student, report.contexts["demonstration"]
+    assert student.samples == 8 and student.success_rate.value == pytest.approx(0.25)  # samples 4 and 8 say yes
+    # each row's group holds one success (the 4th and the 8th sample): 3 demonstrations per row, never across rows
+    assert demo.samples == 6
+
+
 def test_no_success_and_no_feedback_means_no_signal(monkeypatch):
     calls = []
     real = sampling.generate

@@ -140,7 +140,7 @@ def preflight(
     owner = [p for p in range(len(rows)) for _ in range(num_generations)]
     prompts = [rows[p]["prompt"] for p in owner]
     columns = {k: [rows[p][k] for p in owner] for k in rows[0] if k not in ("prompt", "completion", "completion_ids")}
-    keys = [group_key(rows[p]["prompt"], rows[p].get("uid")) for p in owner]
+    keys = [group_key(rows[p]["prompt"], rows[p].get("uid"), row=p) for p in owner]  # training's groups: the row
     student_ids = [codec.encode_prompt(rows[p]["prompt"]) for p in owner]
 
     def run(ids: list[list[int]], bar: tqdm) -> tuple[list[list[int]], list[str]]:

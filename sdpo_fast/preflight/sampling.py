@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ..rewards import FeedbackStore, wrap_reward_function
+from ..teacher_batch import success_scores
 
 
 @contextlib.contextmanager
@@ -126,11 +127,9 @@ def score(
                 "reward per completion."
             )
         per_func.append([math.nan if v is None else float(v) for v in output])
-    scores = []
-    for i in range(n):
-        row = [(w * f[i]) for w, f in zip(reward_weights, per_func)]
-        valid = [v for v in row if not math.isnan(v)]
-        scores.append(sum(valid) if valid else math.nan)  # TRL's nansum, with all-None rows unscorable
+    # the trainer's own success score: TRL's weighted nansum, with all-None rows unscorable
+    rewards = torch.tensor(per_func, dtype=torch.float64).reshape(len(per_func), n).T
+    scores = success_scores(rewards, torch.tensor(list(reward_weights), dtype=torch.float64))
     return scores, store.combined(n)
 
 
